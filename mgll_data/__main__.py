@@ -1,0 +1,5 @@
+"""`python -m mgll_data` is `mgll-build-dataset`."""
+
+from .cli import main
+
+main()

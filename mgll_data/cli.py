@@ -1,0 +1,176 @@
+"""`mgll-build-dataset`: build, inspect and validate mgll datasets."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mgll-build-dataset",
+        description="Turn raw public medical imaging releases into multi-granular image-text "
+        "datasets (sharded Parquet laid out as a Hugging Face dataset).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    build = sub.add_parser(
+        "build",
+        help="build a dataset from a raw release",
+        description="Build PIPELINE's dataset from the raw release at --root.",
+    )
+    build.add_argument("pipeline", help="pipeline name (see `list`) or path to a pipeline YAML")
+    _add_build_options(build)
+    build.add_argument("--root", required=True, type=Path, help="folder of the raw release")
+
+    demo = sub.add_parser(
+        "demo",
+        help="generate a small synthetic ChestX-ray14-shaped release and build it",
+        description="Generate a synthetic ChestX-ray14-shaped release (three patient-disjoint "
+        "splits, a realistic label mix) under OUT/_raw and build it into OUT.",
+    )
+    demo.add_argument("--n", type=_positive_int, default=200, help="number of images (200)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    _add_build_options(demo)
+
+    sub.add_parser("list", help="list the shipped pipelines")
+
+    validate = sub.add_parser("validate", help="check a built dataset against the schema")
+    validate.add_argument("out", type=Path, help="dataset folder")
+
+    info = sub.add_parser("info", help="rows per split and label prevalence of a built dataset")
+    info.add_argument("out", type=Path, help="dataset folder")
+    return parser
+
+
+def _add_build_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="output dataset folder")
+    parser.add_argument(
+        "--image-size",
+        type=_positive_int,
+        default=512,
+        help="longest side of stored images, never upscaled (512)",
+    )
+    parser.add_argument(
+        "--image-format",
+        choices=("png", "jpeg"),
+        default="png",
+        help="encoding of stored images (png)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="worker processes (1: work in this process)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=None,
+        help="build only the first N items (sorted by id)",
+    )
+    parser.add_argument(
+        "--rows-per-shard", type=_positive_int, default=1000, help="rows per Parquet shard (1000)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted build (same inputs, options and versions)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing build")
+    parser.add_argument(
+        "--max-errors",
+        type=int,
+        default=None,
+        help="fail once more than N items are quarantined (default: never)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _build_options(args: argparse.Namespace):
+    from .engine import BuildOptions
+
+    return BuildOptions(
+        image_size=args.image_size,
+        image_format=args.image_format,
+        workers=args.workers,
+        limit=args.limit,
+        rows_per_shard=args.rows_per_shard,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        max_errors=args.max_errors,
+        progress=False if args.no_progress else None,
+    )
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit status. User errors raise UserError."""
+    args = _parser().parse_args(argv)
+    if args.command == "list":
+        from .pipeline import available_pipelines, load_pipeline
+
+        for path in available_pipelines():
+            pipeline = load_pipeline(str(path))
+            licence = pipeline.license
+            redistribution = f"redistribution={licence['redistribution']}"
+            print(f"{pipeline.name:16} {pipeline.domain:11} {redistribution:28} {licence['id']}")
+        return 0
+    if args.command in ("build", "demo"):
+        from .engine import build
+        from .pipeline import load_pipeline
+
+        if args.command == "demo":
+            from .demo import write_demo_release
+
+            # The demo is disposable: it always regenerates its release and replaces its build.
+            root = args.out / "_raw"
+            shutil.rmtree(root, ignore_errors=True)
+            print(f"writing a synthetic ChestX-ray14-shaped release of {args.n} images to {root}")
+            write_demo_release(root, n=args.n, seed=args.seed)
+            args.overwrite = not args.resume
+            pipeline = load_pipeline("chestxray14")
+        else:
+            root, pipeline = args.root, load_pipeline(args.pipeline)
+        summary = build(pipeline, root, args.out, _build_options(args))
+        print("\n".join(summary.lines()))
+        return 0
+    if args.command == "validate":
+        from .inspect import validate_dataset
+
+        problems = validate_dataset(args.out)
+        for problem in problems:
+            print(problem)
+        verdict = f"INVALID, {len(problems)} problem(s)" if problems else "valid"
+        print(f"{args.out}: {verdict}")
+        return 1 if problems else 0
+    if args.command == "info":
+        from .inspect import dataset_info
+
+        print(dataset_info(args.out))
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and exit status 2."""
+    try:
+        status = run(argv)
+    except UserError as err:
+        print(f"mgll-build-dataset: error: {err}", file=sys.stderr)
+        status = 2
+    except KeyboardInterrupt:
+        print("mgll-build-dataset: interrupted (finish later with --resume)", file=sys.stderr)
+        status = 130
+    sys.exit(status)

@@ -1,0 +1,342 @@
+"""The build engine: Source -> stages -> records -> shards, with manifest, quarantine and resume.
+
+Output is deterministic (DESIGN §3): items are sorted by id, each split's items are cut into
+shards by position, outcomes are written in position order whatever order they complete in,
+and every JSON file has sorted keys. Timestamps live only in the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from . import __version__
+from .card import write_card
+from .errors import UserError
+from .executors import run_tasks
+from .images import ImagePolicy
+from .items import QuarantineEntry, RawItem
+from .pipeline import Pipeline
+from .schema import SCHEMA_VERSION, SPLITS, dumps_sorted, record_schema
+from .sources import make_source
+from .stages import BuildContext
+from .vocab import load_vocabulary
+from .writer import ShardPlan, ShardStats, ShardWriter, file_sha256, write_json
+
+DEFAULT_ROWS_PER_SHARD = 1000
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Options of one build. Those in `fingerprint_options()` change the output bytes."""
+
+    image_size: int = 512
+    image_format: str = "png"
+    workers: int = 1
+    limit: int | None = None
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD
+    resume: bool = False
+    overwrite: bool = False
+    max_errors: int | None = None
+    progress: bool | None = None  # None: show a bar when stderr is a terminal
+
+    def fingerprint_options(self) -> dict[str, Any]:
+        return {
+            "image_size": self.image_size,
+            "image_format": self.image_format,
+            "limit": self.limit,
+            "rows_per_shard": self.rows_per_shard,
+        }
+
+
+@dataclass
+class BuildSummary:
+    """What a build produced."""
+
+    out: Path
+    rows: dict[str, int]
+    quarantined: int
+    reasons: Counter
+    shards_written: int
+    shards_kept: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        total = sum(self.rows.values())
+        per_split = ", ".join(f"{s} {n}" for s, n in self.rows.items() if n)
+        rate = (total / self.seconds) if self.seconds > 0 else 0.0
+        out = [
+            f"built {total} records ({per_split}) into {self.out} in {self.seconds:.1f} s "
+            f"({rate:.1f} records/s); shards written {self.shards_written}, "
+            f"kept {self.shards_kept}",
+        ]
+        out += [f"note: {n}" for n in self.notes]
+        if self.quarantined:
+            out.append(
+                f"quarantined {self.quarantined} items "
+                f"(see {self.out / '_build' / 'quarantine.jsonl'}):"
+            )
+            out += [f"  {n} x {reason}" for reason, n in self.reasons.most_common(10)]
+        return out
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of everything that shapes output bytes."""
+    import datasets
+    import numpy
+    import PIL
+    import pyarrow
+
+    return {
+        "mgll": __version__,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "pyarrow": pyarrow.__version__,
+        "pillow": PIL.__version__,
+        "datasets": datasets.__version__,
+    }
+
+
+def plan_shards(items: list[RawItem], rows_per_shard: int) -> list[tuple[ShardPlan, list[RawItem]]]:
+    """Cut each split's sorted items into consecutive shards; the count is known up front."""
+    plans = []
+    for split in SPLITS:
+        members = [item for item in items if item.split == split]
+        count = math.ceil(len(members) / rows_per_shard)
+        for index in range(count):
+            chunk = members[index * rows_per_shard : (index + 1) * rows_per_shard]
+            plans.append(
+                (ShardPlan(split, index, count, index * rows_per_shard, len(chunk)), chunk)
+            )
+    return plans
+
+
+def _fingerprint(
+    pipeline: Pipeline, options: BuildOptions, inputs: list[Path], items: list[RawItem]
+) -> str:
+    digest = hashlib.sha256()
+    digest.update(dumps_sorted(pipeline.raw).encode())
+    digest.update(dumps_sorted(options.fingerprint_options()).encode())
+    digest.update(dumps_sorted(library_versions()).encode())
+    for path in inputs:
+        digest.update(f"{path.name}:{file_sha256(path)}\n".encode())
+    for item in items:
+        digest.update(f"{item.id}\t{item.split}\t{item.image.describe()}\n".encode())
+    return digest.hexdigest()
+
+
+class OutputDir:
+    """The build directory: `data/`, `README.md`, and `_build/` (manifest, quarantine, state)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.data = self.root / "data"
+        self.build = self.root / "_build"
+        self.tmp = self.build / "tmp"
+        self.shard_state = self.build / "shards"
+        self.manifest = self.build / "manifest.json"
+        self.quarantine = self.build / "quarantine.jsonl"
+
+    def prepare(self, fingerprint: str, resume: bool, overwrite: bool) -> dict[str, ShardStats]:
+        """Make the directory ready; return the finished shards a resumed build may keep."""
+        existing = self.manifest.is_file() or any(self.data.glob("*.parquet"))
+        if resume and not self.manifest.is_file():
+            raise UserError(f"{self.root}: nothing to resume (no _build/manifest.json)")
+        if resume:
+            previous = json.loads(self.manifest.read_text()).get("fingerprint")
+            if previous != fingerprint:
+                raise UserError(
+                    f"{self.manifest}: the build there used other inputs, options or library "
+                    "versions; run without --resume (and with --overwrite) to rebuild it"
+                )
+        elif existing and not overwrite:
+            raise UserError(
+                f"{self.root}: already holds a build; use --resume to finish it "
+                "or --overwrite to replace it"
+            )
+        elif existing:
+            shutil.rmtree(self.data, ignore_errors=True)
+            shutil.rmtree(self.build, ignore_errors=True)
+            (self.root / "README.md").unlink(missing_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        for folder in (self.data, self.tmp, self.shard_state):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self._finished_shards() if resume else {}
+
+    def _finished_shards(self) -> dict[str, ShardStats]:
+        finished = {}
+        for state in sorted(self.shard_state.glob("*.json")):
+            stats = ShardStats(**json.loads(state.read_text()))
+            shard = self.data / stats.name
+            if shard.is_file() and file_sha256(shard) == stats.sha256:
+                finished[stats.name] = stats
+        return finished
+
+    def remove_stale(self, planned: set[str]) -> None:
+        """Drop shard files and states that the plan does not name (e.g. after a crash)."""
+        for shard in self.data.glob("*.parquet"):
+            if shard.name not in planned:
+                shard.unlink()
+        for state in self.shard_state.glob("*.json"):
+            if state.stem not in planned:
+                state.unlink()
+
+    def save_shard(self, stats: ShardStats) -> None:
+        write_json(self.shard_state / f"{stats.name}.json", stats.to_json())
+
+
+def build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> BuildSummary:
+    """Build the dataset of `pipeline` from the raw release at `root` into `out`."""
+    started = time.time()
+    vocab = load_vocabulary(pipeline.domain)
+    source = make_source(pipeline, root, vocab)
+    scan = source.scan()
+    items, duplicates = _dedupe(sorted(scan.items, key=lambda i: i.id))
+    if options.limit is not None:
+        items = items[: options.limit]
+    plans = plan_shards(items, options.rows_per_shard)
+    fingerprint = _fingerprint(pipeline, options, source.input_files(), items)
+
+    output = OutputDir(out)
+    finished = output.prepare(fingerprint, options.resume, options.overwrite)
+    planned_names = {plan.name for plan, _ in plans}
+    output.remove_stale(planned_names)
+    finished = {name: s for name, s in finished.items() if name in planned_names}
+    manifest: dict[str, Any] = {
+        "complete": False,
+        "fingerprint": fingerprint,
+        "pipeline": pipeline.name,
+        "config": pipeline.raw,
+        "options": options.fingerprint_options(),
+        "versions": library_versions(),
+        "started_at": _now(),
+    }
+    write_json(output.manifest, manifest)
+
+    mgll_block = {
+        "schema_version": SCHEMA_VERSION,
+        "domain": vocab.domain,
+        "vocab_version": vocab.version,
+        "label_names": vocab.names,
+        "annotated_labels": source.annotated_labels(),
+    }
+    arrow_schema = record_schema(len(vocab)).arrow_schema(mgll_block)
+    todo = [(plan, chunk) for plan, chunk in plans if plan.name not in finished]
+    writers: dict[tuple[str, int], ShardWriter] = {}  # position -> the writer of its shard
+    for plan, chunk in todo:
+        writer = ShardWriter(plan, arrow_schema, output.tmp, output.data)
+        writers.update({(plan.split, plan.first + k): writer for k in range(len(chunk))})
+    planned = [((p.split, p.first + k), item) for p, chunk in todo for k, item in enumerate(chunk)]
+    ctx = BuildContext(
+        domain=vocab.domain,
+        image_policy=ImagePolicy(
+            image_size=options.image_size,
+            format=options.image_format,
+            color=pipeline.section("image").get("color", "grey"),
+        ),
+        texts=pipeline.section("texts"),
+    )
+    early = scan.quarantine + duplicates
+    stats = dict(finished)
+    quarantined = len(early) + sum(len(s.quarantine) for s in finished.values())
+    if early:
+        _check_errors(quarantined, options.max_errors, early[-1])
+    bar = tqdm(
+        total=len(planned),
+        unit="img",
+        desc=f"build {pipeline.name}",
+        disable=None if options.progress is None else not options.progress,
+    )
+    try:
+        for outcome in run_tasks(source.tasks(planned), ctx, options.workers):
+            writer = writers.pop(outcome.position)
+            writer.add(outcome.position[1], outcome.record)
+            if outcome.quarantine is not None:
+                writer.quarantine.append(outcome.quarantine)
+                quarantined += 1
+                _check_errors(quarantined, options.max_errors, outcome.quarantine)
+            if writer.done:
+                shard = writer.finish()
+                output.save_shard(shard)
+                stats[shard.name] = shard
+            bar.update(1)
+            bar.set_postfix(quarantined=quarantined, refresh=False)
+    finally:
+        bar.close()
+
+    all_stats = [stats[plan.name] for plan, _ in plans]
+    entries = [q.to_json() for q in early] + [q for s in all_stats for q in s.quarantine]
+    entries.sort(key=lambda q: (q["id"], q["stage"]))
+    output.quarantine.write_text("".join(dumps_sorted(q) + "\n" for q in entries))
+    rows = {
+        split: sum(s.rows for p, s in zip(plans, all_stats, strict=True) if p[0].split == split)
+        for split in SPLITS
+    }
+    write_card(out, pipeline, vocab, mgll_block, plans=[p for p, _ in plans], stats=all_stats)
+    manifest.update(
+        complete=True,
+        finished_at=_now(),
+        counts={"rows": rows, "quarantined": len(entries), "items": len(items)},
+        quarantine_reasons=dict(Counter(_reason_kind(q["reason"]) for q in entries)),
+        shards=[{"path": f"data/{s.name}", "rows": s.rows, "sha256": s.sha256} for s in all_stats],
+        card_sha256=file_sha256(out / "README.md"),
+        notes=scan.notes,
+    )
+    write_json(output.manifest, manifest)
+    return BuildSummary(
+        out=out,
+        rows=rows,
+        quarantined=len(entries),
+        reasons=Counter(_reason_kind(q["reason"]) for q in entries),
+        shards_written=len(todo),
+        shards_kept=len(finished),
+        seconds=time.time() - started,
+        notes=scan.notes,
+    )
+
+
+def _check_errors(quarantined: int, max_errors: int | None, last: QuarantineEntry) -> None:
+    if max_errors is not None and quarantined > max_errors:
+        raise UserError(
+            f"{quarantined} items quarantined, more than --max-errors {max_errors}; "
+            f"last: {last.id}: {last.reason} (finish the build with --resume after fixing it)"
+        )
+
+
+def _dedupe(items: list[RawItem]) -> tuple[list[RawItem], list[QuarantineEntry]]:
+    """Keep the first item of each id; quarantine the rest (ids must be unique)."""
+    kept: list[RawItem] = []
+    dropped = []
+    for item in items:
+        if kept and kept[-1].id == item.id:
+            dropped.append(
+                QuarantineEntry(
+                    item.id,
+                    item.image.describe(),
+                    "scan",
+                    "duplicate id: another row has the same image",
+                )
+            )
+        else:
+            kept.append(item)
+    return kept, dropped
+
+
+def _reason_kind(reason: str) -> str:
+    """Group reasons for the summary: the text before the first '(' or ':' detail."""
+    return reason.split(" (")[0].split(": ")[0]
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,49 @@
+"""Executors: run the per-item stages over a stream of tasks, yielding outcomes in task order.
+
+Both keep a bounded window of work in flight, so memory stays flat however large the build.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+
+from .stages import BuildContext, Outcome, Task, run_task
+
+_worker_context: BuildContext | None = None
+
+
+def _init_worker(ctx: BuildContext) -> None:
+    global _worker_context
+    _worker_context = ctx
+    ctx.vocab  # load the vocabulary once per worker, not per task  # noqa: B018
+
+
+def _run_chunk(tasks: list[Task]) -> list[Outcome]:
+    assert _worker_context is not None
+    return [run_task(task, _worker_context) for task in tasks]
+
+
+def run_tasks(
+    tasks: Iterable[Task], ctx: BuildContext, workers: int, chunk_size: int = 4
+) -> Iterator[Outcome]:
+    """Run `tasks` with `workers` processes (1: in this process), yielding outcomes in order."""
+    if workers <= 1:
+        for task in tasks:
+            yield run_task(task, ctx)
+        return
+    # fork: workers inherit the loaded modules, so they start in milliseconds.
+    context = multiprocessing.get_context("fork")
+    window = workers * 4
+    with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(ctx,)) as pool:
+        pending: deque[Future[list[Outcome]]] = deque()
+        iterator = iter(tasks)
+        while chunk := list(itertools.islice(iterator, chunk_size)):
+            pending.append(pool.submit(_run_chunk, chunk))
+            if len(pending) >= window:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()

@@ -1,0 +1,122 @@
+"""The raster image stage: decode, normalise the pixel mode, resize, encode (DESIGN §3).
+
+A pure function of one image and the policy, so it runs the same in any worker. Images that
+cannot be decoded raise `ItemError` and go to quarantine.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ItemError
+
+# Modes whose samples do not fit in 8 bits; they are rescaled explicitly (Pillow's convert clips).
+_WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """How images are stored: longest side, colour, and encoding."""
+
+    image_size: int = 512
+    color: str = "grey"  # "grey" for radiographs, "rgb" for fundus photographs
+    format: str = "png"  # "png" or "jpeg"
+    jpeg_quality: int = 95
+    png_compress_level: int = 6
+
+    @property
+    def extension(self) -> str:
+        return "png" if self.format == "png" else "jpg"
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image as stored in a record."""
+
+    data: bytes
+    extension: str
+    width: int
+    height: int
+    orig_width: int
+    orig_height: int
+
+
+def target_size(width: int, height: int, longest: int) -> tuple[int, int]:
+    """Size with the longest side at most `longest`, aspect kept, never upscaled."""
+    scale = longest / max(width, height)
+    if scale >= 1.0:
+        return width, height
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def rescale_to_8bit(image: Image.Image) -> Image.Image:
+    """Map a 16-bit, 32-bit or float image linearly onto 0..255 using its own value range."""
+    pixels = np.asarray(image, dtype=np.float64)
+    low, high = float(pixels.min()), float(pixels.max())
+    if high <= low:
+        return Image.new("L", image.size, 0)
+    scaled = np.rint((pixels - low) * (255.0 / (high - low)))
+    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+
+
+def normalise_mode(image: Image.Image, color: str) -> Image.Image:
+    """Bring any mode met in the wild (L, LA, RGB, RGBA, P, 1, I;16, I, F, CMYK) to L or RGB."""
+    if image.mode in _WIDE_MODES:
+        image = rescale_to_8bit(image)
+    target = "L" if color == "grey" else "RGB"
+    # convert() drops alpha (LA, RGBA, PA) and resolves palettes (P); grey from RGB uses ITU-R 601.
+    return image if image.mode == target else image.convert(target)
+
+
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """Open an image from a path or from bytes; missing or unreadable input raises ItemError."""
+    try:
+        if isinstance(source, bytes):
+            return Image.open(io.BytesIO(source))
+        return Image.open(source)
+    except FileNotFoundError as err:
+        raise ItemError("image", f"missing image file: {source}") from err
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ItemError("image", f"not a readable image ({err})") from err
+
+
+def process_image(source: str | Path | bytes, policy: ImagePolicy) -> EncodedImage:
+    """Decode, normalise, resize and encode one image according to `policy`."""
+    image = open_image(source)
+    with image:
+        orig_width, orig_height = image.size
+        size = target_size(orig_width, orig_height, policy.image_size)
+        if image.format == "JPEG" and size != image.size:
+            # Let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) that is still >= the target.
+            image.draft("L" if policy.color == "grey" else "RGB", size)
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError, zlib.error) as err:
+            raise ItemError("image", f"corrupt or truncated image ({err})") from err
+        pixels = normalise_mode(image, policy.color)
+    if pixels.size != size:
+        pixels = pixels.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return EncodedImage(
+        data=encode(pixels, policy),
+        extension=policy.extension,
+        width=pixels.width,
+        height=pixels.height,
+        orig_width=orig_width,
+        orig_height=orig_height,
+    )
+
+
+def encode(image: Image.Image, policy: ImagePolicy) -> bytes:
+    """Encode deterministically (no timestamps or other varying chunks)."""
+    buffer = io.BytesIO()
+    if policy.format == "png":
+        image.save(buffer, "PNG", compress_level=policy.png_compress_level)
+    else:
+        image.save(buffer, "JPEG", quality=policy.jpeg_quality)
+    return buffer.getvalue()

@@ -1,0 +1,29 @@
+"""Source readers, one per release layout, looked up by the pipeline's `source` key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+from ..pipeline import Pipeline
+from ..vocab import Vocabulary
+from .base import ScanResult, Source
+from .chestxray14 import ChestXray14Source
+
+SOURCES: dict[str, type[Source]] = {
+    "chestxray14": ChestXray14Source,
+}
+
+
+def make_source(pipeline: Pipeline, root: Path, vocab: Vocabulary) -> Source:
+    """Instantiate the reader that the pipeline names."""
+    try:
+        source_class = SOURCES[pipeline.source]
+    except KeyError:
+        raise UserError(
+            f"{pipeline.path}: unknown source {pipeline.source!r}; known: {sorted(SOURCES)}"
+        ) from None
+    return source_class(root, pipeline, vocab)
+
+
+__all__ = ["SOURCES", "ScanResult", "Source", "make_source"]

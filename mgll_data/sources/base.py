@@ -1,0 +1,99 @@
+"""The Source interface: one class per release layout, yielding RawItems (no image work)."""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+import tarfile
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from ..items import ImageRef, QuarantineEntry, RawItem
+from ..pipeline import Pipeline
+from ..stages import Task
+from ..vocab import Vocabulary
+
+
+@dataclass
+class ScanResult:
+    """Everything a source found: the items, and rows it could not place (quarantined)."""
+
+    items: list[RawItem]
+    quarantine: list[QuarantineEntry] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # facts for the summary (dialect, layout)
+
+
+class Source(ABC):
+    """Reads one release layout. Subclasses check the layout, then scan it into RawItems."""
+
+    def __init__(self, root: Path, pipeline: Pipeline, vocab: Vocabulary):
+        self.root = Path(root)
+        self.pipeline = pipeline
+        self.vocab = vocab
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: release root is not a directory")
+
+    @abstractmethod
+    def scan(self) -> ScanResult:
+        """Check the layout (raising UserError naming what is missing), then list the items."""
+
+    @abstractmethod
+    def input_files(self) -> list[Path]:
+        """The metadata files whose content defines the items (for the build fingerprint)."""
+
+    def annotated_labels(self) -> list[str]:
+        """The labels this source can assert (vocabulary order): the label map's targets."""
+        targets = set(self.pipeline.section("labels").get("map", {}).values())
+        return [name for name in self.vocab.names if name in targets]
+
+    def tasks(self, planned: list[tuple[tuple[str, int], RawItem]]) -> Iterator[Task]:
+        """Tasks for the planned items in the order they are cheapest to read.
+
+        Items whose image is a plain file come first, in the given order; items whose image sits
+        in an archive are read in one sequential pass over the archives.
+        """
+        in_archives = [(pos, item) for pos, item in planned if item.image.member is not None]
+        for pos, item in planned:
+            if item.image.member is None:
+                yield Task(pos, item)
+        if in_archives:
+            yield from stream_archives(self.archives(), in_archives)
+
+    def archives(self) -> list[Path]:
+        """Archives that may hold images, in reading order (none by default)."""
+        return []
+
+
+def stream_archives(
+    archives: Iterable[Path], wanted: list[tuple[tuple[str, int], RawItem]]
+) -> Iterator[Task]:
+    """Read tar(.gz) archives once, sequentially, yielding a Task for each wanted member.
+
+    Members are matched by base name. Items found in no archive (or cut off by a truncated
+    archive) yield a Task with an error, so they reach quarantine with a reason.
+    """
+    by_name = {posixpath.basename(item.image.member or ""): (pos, item) for pos, item in wanted}
+    problems: list[str] = []
+    for archive in archives:
+        try:
+            with tarfile.open(archive, "r|*") as tar:
+                for member in tar:
+                    key = posixpath.basename(member.name)
+                    if not member.isfile() or key not in by_name:
+                        continue
+                    pos, item = by_name.pop(key)
+                    handle = tar.extractfile(member)
+                    data = handle.read() if handle is not None else b""
+                    ref = ImageRef(str(archive), member.name)
+                    yield Task(pos, dataclasses.replace(item, image=ref), image_bytes=data)
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+            problems.append(f"{archive.name} is truncated or corrupt ({err})")
+    reason = "image found in no archive"
+    if problems:
+        reason += "; " + "; ".join(problems)
+    for pos, item in by_name.values():
+        yield Task(pos, item, error=reason)

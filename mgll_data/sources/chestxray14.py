@@ -1,0 +1,235 @@
+"""NIH ChestX-ray14: `Data_Entry` CSV (both dialects), split lists, boxes, Box/Kaggle image layouts.
+
+Reference: shared/reference/source-formats.md §2. Columns are selected by name; the 2017
+dialect's CRLF, trailing comma, zero-padded ids and `058Y` ages are normalised; NIH asserts the
+absence of its 14 findings, so those are 0 unless listed, and the labels it never annotates are NaN.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from pathlib import Path
+
+from ..errors import UserError
+from ..items import ImageRef, QuarantineEntry, RawItem
+from .base import ScanResult, Source
+from .tables import read_csv_table, read_list_file
+
+DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
+REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
+ARCHIVE_PATTERN = re.compile(r"^images_\d+\.(tar\.gz|tgz|tar)$")
+_AGE = re.compile(r"^(\d+)\s*([YMD]?)$", re.IGNORECASE)
+_AGE_UNIT_YEARS = {"": 1.0, "Y": 1.0, "M": 1.0 / 12.0, "D": 1.0 / 365.25}
+
+
+def parse_age(raw: str) -> float | None:
+    """`57`, `058Y`, `011M`, `010D` -> years; anything else (or over 120 years) -> None."""
+    match = _AGE.match(raw.strip())
+    if not match:
+        return None
+    years = int(match.group(1)) * _AGE_UNIT_YEARS[match.group(2).upper()]
+    return round(years, 4) if years <= 120 else None
+
+
+def strip_id(raw: str) -> str:
+    """Patient ids: `00000001` (2017) and `1` (v2020) are the same patient."""
+    raw = raw.strip()
+    return str(int(raw)) if raw.isdigit() else raw
+
+
+def in_validation(patient_id: str, fraction: float, salt: str) -> bool:
+    """Whether a train_val patient goes to validation: a stable hash of the id, never hash()."""
+    digest = hashlib.sha256(f"{salt}:{patient_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def _find_first(root: Path, names: tuple[str, ...]) -> Path | None:
+    for name in names:
+        for candidate in (root / name, root / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+class ChestXray14Source(Source):
+    """Reads the NIH Box layout (tar.gz archives or extracted `images/`) or the Kaggle copy."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        labels = self.pipeline.section("labels")
+        self.label_map: dict[str, str] = labels["map"]
+        self.box_label_map: dict[str, str] = {**self.label_map, **labels.get("box_map", {})}
+        self.data_entry = _find_first(self.root, DATA_ENTRY_NAMES)
+        self.bbox_file = _find_first(self.root, ("BBox_List_2017.csv",))
+        self.train_val_list = _find_first(self.root, ("train_val_list.txt",))
+        self.test_list = _find_first(self.root, ("test_list.txt",))
+        self._archives: list[Path] = []
+        frame = labels.get("box_frame")
+        self.box_frame = (int(frame[0]), int(frame[1])) if frame else None
+
+    def input_files(self) -> list[Path]:
+        files = [self.data_entry, self.bbox_file, self.train_val_list, self.test_list]
+        return [f for f in files if f is not None]
+
+    def archives(self) -> list[Path]:
+        return self._archives
+
+    def scan(self) -> ScanResult:
+        missing = []
+        if self.data_entry is None:
+            missing.append("Data_Entry_2017_v2020.csv (or Data_Entry_2017.csv, .csv.gz)")
+        if self.train_val_list is None or self.test_list is None:
+            missing.append("train_val_list.txt and test_list.txt")
+        files, self._archives = self._index_images()
+        if not files and not self._archives:
+            missing.append("images (images/*.png, images_001/images/*.png or images_001.tar.gz)")
+        if missing:
+            raise UserError(
+                f"{self.root}: not a ChestX-ray14 release; missing " + "; ".join(missing)
+            )
+        assert self.data_entry and self.train_val_list and self.test_list
+
+        table = read_csv_table(self.data_entry, REQUIRED_COLUMNS)
+        test = set(read_list_file(self.test_list))
+        train_val = set(read_list_file(self.train_val_list))
+        boxes = self._read_boxes()
+        splits = self.pipeline.section("splits")
+        fraction = float(splits.get("validation_fraction", 0.1))
+        salt = str(splits.get("hash_salt", self.pipeline.name))
+        dialect = (
+            "2017 original" if self.data_entry.name.startswith("Data_Entry_2017.csv") else "v2020"
+        )
+        result = ScanResult(
+            items=[],
+            notes=[
+                f"{self.data_entry.name}: {len(table)} rows ({dialect} dialect); images as "
+                + ("extracted files" if files else "")
+                + (" and " if files and self._archives else "")
+                + (f"{len(self._archives)} archives read directly" if self._archives else "")
+            ],
+        )
+        for row in table.to_dict("records"):
+            name = row["Image Index"].strip()
+            native = name.rsplit(".", 1)[0]
+            item_id = f"{self.pipeline.name}:{native}"
+            where = f"{self.data_entry.name} row {name}"
+            patient = strip_id(row["Patient ID"])
+            if name in test:
+                split = "test"
+            elif name in train_val:
+                split = "validation" if in_validation(patient, fraction, salt) else "train"
+            else:
+                result.quarantine.append(
+                    QuarantineEntry(
+                        item_id, where, "scan", "in neither train_val_list.txt nor test_list.txt"
+                    )
+                )
+                continue
+            labels = self._labels(row["Finding Labels"])
+            if isinstance(labels, str):
+                result.quarantine.append(QuarantineEntry(item_id, where, "labels", labels))
+                continue
+            if name in files:
+                image = ImageRef(files[name])
+            elif self._archives:
+                image = ImageRef("images_*.tar.gz", name)
+            else:
+                image = ImageRef(str(self.root / "images" / name))
+            result.items.append(
+                self._item(item_id, split, image, labels, patient, row, boxes.get(name, []))
+            )
+        return result
+
+    def _item(self, item_id, split, image, labels, patient, row, boxes) -> RawItem:
+        age_raw = str(row.get("Patient Age", "")).strip()
+        age = parse_age(age_raw) if age_raw else None
+        extra: dict = {}
+        follow_up = str(row.get("Follow-up #", "")).strip()
+        if follow_up.isdigit():
+            extra["follow_up"] = int(follow_up)
+        if age is None and age_raw:
+            extra["age_raw"] = age_raw
+        size = (row.get("OriginalImage[Width"), row.get("Height]"))
+        if all(str(v or "").strip().isdigit() for v in size):
+            extra["original_size"] = [int(size[0]), int(size[1])]
+        spacing = _float(row.get("OriginalImagePixelSpacing[x"))
+        if spacing is not None:
+            # Stored values carry binary noise (0.14300000000000002); six decimals are exact.
+            extra["original_pixel_spacing_mm"] = round(spacing, 6)
+        sex = str(row.get("Patient Gender", "")).strip().upper()
+        view = str(row.get("View Position", "")).strip().upper()
+        return RawItem(
+            id=item_id,
+            source=self.pipeline.name,
+            split=split,
+            image=image,
+            labels=labels,
+            patient_id=patient,
+            study_id=None,
+            view=view or None,
+            modality=None,
+            age_years=age,
+            sex=sex if sex in ("M", "F") else None,
+            boxes=boxes,
+            box_frame=self.box_frame,
+            extra=extra,
+        )
+
+    def _labels(self, raw: str) -> dict[str, float] | str:
+        """Map `Finding Labels` onto the vocabulary; a string return is the quarantine reason."""
+        names = {n.strip() for n in str(raw).split("|") if n.strip()}
+        unknown = sorted(names - set(self.label_map))
+        if unknown:
+            return f"unknown label {unknown[0]!r} (expected one of {sorted(self.label_map)})"
+        if not names:
+            return "empty Finding Labels"
+        if "No Finding" in names and len(names) > 1:
+            return f"'No Finding' combined with findings: {sorted(names)}"
+        # NIH asserts absence: every label it annotates is 0 unless listed.
+        labels = {target: 0.0 for target in self.label_map.values()}
+        labels.update({self.label_map[n]: 1.0 for n in names})
+        return labels
+
+    def _read_boxes(self) -> dict[str, list[dict]]:
+        if self.bbox_file is None:
+            return {}
+        table = read_csv_table(self.bbox_file, ("Image Index", "Finding Label", "Bbox [x"))
+        boxes: dict[str, list[dict]] = {}
+        for row in table.to_dict("records"):
+            label = self.box_label_map.get(row["Finding Label"].strip())
+            values = [_float(row.get(k)) for k in ("Bbox [x", "y", "w", "h]")]
+            if label is None or any(v is None for v in values):
+                raise UserError(
+                    f"{self.bbox_file}: row for {row['Image Index']} has label "
+                    f"{row['Finding Label']!r} or box {values} that cannot be read "
+                    "(expected a known finding and four numbers x,y,w,h)"
+                )
+            x, y, w, h = values
+            boxes.setdefault(row["Image Index"].strip(), []).append(
+                {"label": label, "x": x, "y": y, "w": w, "h": h}
+            )
+        return boxes
+
+    def _index_images(self) -> tuple[dict[str, str], list[Path]]:
+        """Every PNG under the root by file name, and the image archives in name order."""
+        files: dict[str, str] = {}
+        archives: list[Path] = []
+        for folder, dirs, names in os.walk(self.root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(names):
+                if name.lower().endswith(".png"):
+                    files.setdefault(name, os.path.join(folder, name))
+                elif ARCHIVE_PATTERN.match(name):
+                    archives.append(Path(folder) / name)
+        return files, sorted(archives, key=lambda p: p.name)
+
+
+def _float(value) -> float | None:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None

@@ -1,0 +1,53 @@
+"""Reading the CSV and list files of releases, tolerant of their dialects.
+
+`.csv` or `.csv.gz`; LF or CRLF; trailing commas and empty extra columns; UTF-8 with a Latin-1
+fallback; every cell as a string (blank stays blank, never NaN or 0); columns chosen by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import UserError
+
+
+def read_csv_table(path: Path, required: Sequence[str]) -> pd.DataFrame:
+    """Read a release CSV as strings; a one-line UserError if unreadable or lacking a column."""
+    last_error: Exception | None = None
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            table = pd.read_csv(
+                path,
+                dtype=str,
+                keep_default_na=False,
+                index_col=False,
+                encoding=encoding,
+                skipinitialspace=False,
+            )
+            break
+        except UnicodeDecodeError as err:
+            last_error = err
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, EOFError) as err:
+            raise UserError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from err
+    else:
+        raise UserError(f"{path}: cannot decode as UTF-8 or Latin-1 ({last_error})")
+    table.columns = [str(c).strip().lstrip("\ufeff") for c in table.columns]
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise UserError(
+            f"{path}: missing column(s) {missing}; expected at least {list(required)}, "
+            f"found {list(table.columns)[:12]}"
+        )
+    return table
+
+
+def read_list_file(path: Path) -> list[str]:
+    """One entry per line; CRLF, blank lines and a missing final newline tolerated."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err})") from err
+    return [line.strip() for line in text.splitlines() if line.strip()]
