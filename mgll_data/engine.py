@@ -13,6 +13,7 @@ import math
 import platform
 import shutil
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,7 @@ def library_versions() -> dict[str, str]:
         "pyarrow": pyarrow.__version__,
         "pillow": PIL.__version__,
         "datasets": datasets.__version__,
+        "zlib": zlib.ZLIB_RUNTIME_VERSION,  # the stored PNGs are compressed by Python's zlib
     }
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ItemError
+from .png import encode_png
 
 # Modes whose samples do not fit in 8 bits; they are rescaled explicitly (Pillow's convert clips).
 _WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
@@ -28,7 +29,6 @@ class ImagePolicy:
     color: str = "grey"  # "grey" for radiographs, "rgb" for fundus photographs
     format: str = "png"  # "png" or "jpeg"
     jpeg_quality: int = 95
-    png_compress_level: int = 6
 
     @property
     def extension(self) -> str:
@@ -101,7 +101,10 @@ def process_image(source: str | Path | bytes, policy: ImagePolicy) -> EncodedIma
             raise ItemError("image", f"corrupt or truncated image ({err})") from err
         pixels = normalise_mode(image, policy.color)
     if pixels.size != size:
-        pixels = pixels.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        # Box-average by the largest integer factor first (exact area averaging, cheap), then
+        # an antialiased bicubic for the remaining < 2x step: 0.9 + 1.6 ms where a Lanczos over
+        # the whole range costs 20 ms (measured on 2048 px radiographs, benchmarks/).
+        pixels = pixels.resize(size, Image.Resampling.BICUBIC, reducing_gap=1.0)
     return EncodedImage(
         data=encode(pixels, policy),
         extension=policy.extension,
@@ -114,9 +117,8 @@ def process_image(source: str | Path | bytes, policy: ImagePolicy) -> EncodedIma
 
 def encode(image: Image.Image, policy: ImagePolicy) -> bytes:
     """Encode deterministically (no timestamps or other varying chunks)."""
-    buffer = io.BytesIO()
     if policy.format == "png":
-        image.save(buffer, "PNG", compress_level=policy.png_compress_level)
-    else:
-        image.save(buffer, "JPEG", quality=policy.jpeg_quality)
+        return encode_png(np.asarray(image))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=policy.jpeg_quality)
     return buffer.getvalue()

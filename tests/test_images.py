@@ -86,3 +86,15 @@ def test_bad_files_raise_item_errors(tmp_path):
         process_image(b"not an image at all", ImagePolicy())
     with pytest.raises(ItemError, match="missing image file"):
         process_image(str(tmp_path / "absent.png"), ImagePolicy())
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (40, 64), (33, 17, 3)])
+def test_fast_png_round_trips_through_pillow(shape):
+    from mgll_data.png import encode_png
+
+    pixels = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    image = _decode(encode_png(pixels))
+    assert image.format == "PNG" and image.mode == ("L" if len(shape) == 2 else "RGB")
+    assert np.array_equal(np.asarray(image), pixels)
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(pixels.astype(np.uint16))
