@@ -10,8 +10,10 @@ import pytest  # noqa: E402
 
 from tests.nih_fixture import make_release  # noqa: E402
 
+NIH_ROWS = 300
+
 
 @pytest.fixture(scope="session")
 def nih_kaggle(tmp_path_factory):
-    """A 40-row Kaggle-layout release with every nasty case."""
-    return make_release(tmp_path_factory.mktemp("nih-kaggle"), count=40, layout="kaggle")
+    """A Kaggle-layout release of 300 real Data_Entry rows with every nasty case."""
+    return make_release(tmp_path_factory.mktemp("nih-kaggle"), count=NIH_ROWS, layout="kaggle")

@@ -23,6 +23,7 @@ from mgll_data.schema import read_mgll_metadata
 from mgll_data.sources import make_source
 from mgll_data.sources.chestxray14 import parse_age
 from mgll_data.vocab import load_vocabulary
+from tests.conftest import NIH_ROWS
 from tests.nih_fixture import is_test_patient, make_release, real_rows, xrv_data_file
 
 PIPELINE = load_pipeline("chestxray14")
@@ -177,7 +178,7 @@ def test_build_is_byte_identical(nih_kaggle, tmp_path):
 @pytest.mark.parametrize("layout,dialect", [("box", "v2020"), ("extracted", "2017")])
 def test_other_layouts_and_dialects_give_the_same_rows(tmp_path, nih_kaggle, layout, dialect):
     """Box tarballs read directly and the 2017 dialect give the Kaggle/v2020 records."""
-    other = make_release(tmp_path / "raw", count=40, layout=layout, dialect=dialect)
+    other = make_release(tmp_path / "raw", count=NIH_ROWS, layout=layout, dialect=dialect)
     _build(nih_kaggle.root, tmp_path / "kaggle")
     _build(other.root, tmp_path / "other")
     reference = {r["id"]: _comparable(r) for r in _rows(tmp_path / "kaggle")}
