@@ -102,15 +102,13 @@ class ChestXray14Source(Source):
         dialect = (
             "2017 original" if self.data_entry.name.startswith("Data_Entry_2017.csv") else "v2020"
         )
-        result = ScanResult(
-            items=[],
-            notes=[
-                f"{self.data_entry.name}: {len(table)} rows ({dialect} dialect); images as "
-                + ("extracted files" if files else "")
-                + (" and " if files and self._archives else "")
-                + (f"{len(self._archives)} archives read directly" if self._archives else "")
-            ],
+        layouts = [f"{len(files)} image files"] if files else []
+        if self._archives:
+            layouts.append(f"{len(self._archives)} archives read directly")
+        note = f"{self.data_entry.name}: {len(table)} rows ({dialect} dialect); " + " and ".join(
+            layouts
         )
+        result = ScanResult(items=[], notes=[note])
         for row in table.to_dict("records"):
             name = row["Image Index"].strip()
             native = name.rsplit(".", 1)[0]
