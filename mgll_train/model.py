@@ -1,0 +1,99 @@
+"""open_clip models for MGLL: any open_clip model name, plus the tiny config shipped here.
+
+The learnable scale (``logit_scale``, init log(1/0.07)) and the point-wise bias
+(``logit_bias``, init -10 as in SigLIP) live on the model, so they are saved, averaged by DDP
+and exported with it. Nothing here needs the network unless ``pretrained`` names a tag whose
+weights are not cached.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+MAX_LOGIT_SCALE = math.log(100.0)  # the scale s = exp(logit_scale) is clamped to at most 100
+DEFAULT_LOGIT_BIAS = -10.0
+
+
+@cache
+def register_model_configs() -> None:
+    """Make the configs shipped with mgll_train (e.g. ``mgll-tiny``) known to open_clip."""
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+@dataclass
+class ModelBundle:
+    """A model with what the data pipeline needs from it."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    preprocess_cfg: dict[str, Any]  # image size, mean, std, ... of the model
+
+    @property
+    def context_length(self) -> int:
+        return int(self.tokenizer.context_length)
+
+
+def create_model(
+    model_name: str,
+    pretrained: str | None = None,
+    *,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    init_logit_bias: float = DEFAULT_LOGIT_BIAS,
+    lock_image: bool = False,
+    lock_text: bool = False,
+    grad_checkpointing: bool = False,
+) -> ModelBundle:
+    """Create an open_clip model with a learnable point-wise bias.
+
+    ``pretrained`` is an open_clip tag or a path to a checkpoint; ``None`` means random
+    initialisation (the tests and CPU runs). ``lock_image``/``lock_text`` freeze a tower as
+    open_clip's ``--lock-image``/``--lock-text`` do.
+    """
+    register_model_configs()
+    if model_name not in open_clip.list_models() and not model_name.startswith(
+        ("hf-hub:", "local-dir:")
+    ):
+        raise ValueError(
+            f"unknown model {model_name!r}; use an open_clip model name "
+            f"(e.g. ViT-B-16) or one shipped with mgll_train: {shipped_models()}"
+        )
+    model = open_clip.create_model(
+        model_name,
+        pretrained=pretrained,
+        precision=precision,
+        device=device,
+        output_dict=True,
+        init_logit_bias=init_logit_bias,
+    )
+    if lock_image:
+        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=False)
+    if lock_text:
+        model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return ModelBundle(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(model_name),
+        preprocess_cfg=dict(open_clip.get_model_preprocess_cfg(model)),
+    )
+
+
+def shipped_models() -> list[str]:
+    """Names of the model configs shipped with mgll_train."""
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+
+
+@torch.no_grad()
+def clamp_logit_scale(model: torch.nn.Module) -> None:
+    """Keep exp(logit_scale) within [1, 100], as open_clip does after every step."""
+    unwrapped = getattr(model, "module", model)
+    unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
