@@ -1,25 +1,60 @@
-"""`mgll-train`: the trainer's command line (fit, eval, export).
-
-Only the loss module exists so far; the training loop lands with its own issue, and until then
-the command says so instead of pretending to train.
-"""
+"""`mgll-train`: train (fit) open_clip models with the MGLL objective and export them."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from .config import add_fit_arguments, parse_fit_args
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mgll-train",
+        description="Train open_clip models with the MGLL objective on mgll datasets. "
+        "Distributed: launch with torchrun (or under SLURM), as open_clip.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fit = sub.add_parser(
+        "fit",
+        help="train a model",
+        description="Train a model; flags follow "
+        "open_clip's names. Writes logs/<name>/{out.log, params.txt, "
+        "config.yaml, metrics.jsonl, checkpoints/}.",
+    )
+    add_fit_arguments(fit)
+    export = sub.add_parser(
+        "export",
+        help="export a checkpoint for plain open_clip",
+        description="Write open_clip_config.json, "
+        "open_clip_model.safetensors and a model card into --out; load it "
+        "with open_clip.create_model_and_transforms('local-dir:OUT').",
+    )
+    export.add_argument("--checkpoint", type=Path, required=True, help="a .pt checkpoint")
+    export.add_argument("--out", type=Path, required=True, help="output folder")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point."""
-    parser = argparse.ArgumentParser(
-        prog="mgll-train",
-        description="Train open_clip models with the MGLL objective on mgll datasets "
-        "(fit, eval, export). Not implemented yet: the MGLL loss is available as "
-        "mgll_train.loss.MGLLLoss.",
-    )
-    parser.add_argument("command", nargs="?", choices=("fit", "eval", "export"))
-    parser.parse_args(argv)
-    print("mgll-train: error: the trainer is not implemented yet", file=sys.stderr)
-    sys.exit(2)
+    """Console entry point: user errors become one line on stderr and exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    try:
+        if argv[:1] == ["fit"]:
+            fit_parser = next(a for a in parser._actions if a.dest == "command").choices["fit"]
+            args = parse_fit_args(fit_parser, argv[1:])
+            from .train import fit
+
+            fit(args)
+            return
+        args = parser.parse_args(argv)
+        if args.command == "export":
+            from .export import export_checkpoint
+
+            out = export_checkpoint(args.checkpoint, args.out)
+            print(f"exported {args.checkpoint} to {out} (open_clip: 'local-dir:{out}')")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"mgll-train: error: {err}", file=sys.stderr)
+        sys.exit(2)

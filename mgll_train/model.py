@@ -47,7 +47,7 @@ def create_model(
     *,
     precision: str = "fp32",
     device: str | torch.device = "cpu",
-    init_logit_bias: float = DEFAULT_LOGIT_BIAS,
+    init_logit_bias: float | None = DEFAULT_LOGIT_BIAS,
     lock_image: bool = False,
     lock_text: bool = False,
     grad_checkpointing: bool = False,

@@ -1,0 +1,228 @@
+"""`mgll-train fit` and `export` end to end: run layout, exact resume, DDP, open_clip export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from mgll_data.demo import write_demo_release
+from mgll_data.engine import BuildOptions, build
+from mgll_data.pipeline import load_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train-data")
+    raw = write_demo_release(root / "raw", n=60, seed=5, image_size=96)
+    build(
+        load_pipeline("chestxray14"), raw, root / "ds", BuildOptions(image_size=64, progress=False)
+    )
+    return root / "ds"
+
+
+def _fit_args(dataset: Path, logs: Path, name: str, *extra: str, batch_size: int = 4) -> list[str]:
+    flags = {
+        "--train-data": dataset,
+        "--model": "mgll-tiny",
+        "--batch-size": batch_size,
+        "--epochs": 2,
+        "--workers": 2,
+        "--device": "cpu",
+        "--logs": logs,
+        "--name": name,
+        "--warmup": 2,
+        "--log-every-n-steps": 1,
+        "--lr": 1e-3,
+    }
+    return ["fit", *(str(x) for pair in flags.items() for x in pair), *extra]
+
+
+def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "mgll_train", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        **kwargs,
+    )
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line)["train"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_fit_writes_open_clip_run_layout(dataset, tmp_path):
+    result = _run(_fit_args(dataset, tmp_path, "run"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} >= {
+        "out.log",
+        "params.txt",
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoints",
+    }
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {
+        "epoch_1.pt",
+        "epoch_2.pt",
+        "epoch_latest.pt",
+    }
+    metrics = _metrics(run)
+    assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1))
+    assert all(
+        m["loss"] > 0 and set(m["truncated"]) == {"category", "description", "explanation"}
+        for m in metrics
+    )
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    state = torch.load(run / "checkpoints" / "epoch_2.pt", weights_only=False)
+    assert (
+        state["epoch"] == 2
+        and state["step"] == len(metrics)
+        and "logit_bias" in state["state_dict"]
+    )
+    assert state["label_names"][0] == "No Finding"
+    assert "loss: mgll" in (run / "params.txt").read_text()
+
+
+def test_config_file_with_command_line_override(dataset, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"train-data: {dataset}\nbatch_size: 8\nepochs: 1\nloss: clip\nlog-every-n-steps: 1\n"
+    )
+    result = _run(
+        [
+            "fit",
+            "-c",
+            str(config),
+            "--epochs",
+            "1",
+            "--max-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--logs",
+            str(tmp_path),
+            "--name",
+            "cfg",
+            "--workers",
+            "0",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = (tmp_path / "cfg" / "config.yaml").read_text()
+    assert "batch-size: 8" in saved and "loss: clip" in saved and "max-steps: 2" in saved
+    assert len(_metrics(tmp_path / "cfg")) == 2
+    config.write_text("no-such-flag: 1\n")
+    bad = _run(["fit", "-c", str(config)])
+    assert bad.returncode == 2 and "unknown key 'no-such-flag'" in bad.stderr
+
+
+def test_sigterm_then_resume_equals_an_uninterrupted_run(dataset, tmp_path):
+    assert _run(_fit_args(dataset, tmp_path, "whole")).returncode == 0
+    total = len(_metrics(tmp_path / "whole"))
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mgll_train", *_fit_args(dataset, tmp_path, "cut")],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0, process.stderr.read()[-2000:]
+    steps = sorted((tmp_path / "cut" / "checkpoints").glob("step_*.pt"))
+    assert len(steps) == 1
+    cut_at = int(steps[0].stem.split("_")[1])
+    assert 3 <= cut_at < total, "SIGTERM must land mid-run for this test to mean much"
+
+    resumed = _run([*_fit_args(dataset, tmp_path, "cut"), "--resume", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [m["step"] for m in _metrics(tmp_path / "cut")][-1] == total
+    whole = _weights(tmp_path / "whole" / "checkpoints" / "epoch_2.pt")
+    cut = _weights(tmp_path / "cut" / "checkpoints" / "epoch_2.pt")
+    assert whole.keys() == cut.keys()
+    for key in whole:
+        assert torch.equal(whole[key], cut[key]), key
+
+
+def test_torchrun_ddp_matches_one_process(dataset, tmp_path):
+    common = ["--epochs", "1", "--max-steps", "3", "--gather-with-grad", "--workers", "0"]
+    single = _run(_fit_args(dataset, tmp_path, "single", *common, batch_size=8))
+    assert single.returncode == 0, single.stderr[-2000:]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            "-m",
+            "mgll_train",
+            "--",  # torchrun would otherwise read --logs as an abbreviation of its --logs-specs
+            *_fit_args(dataset, tmp_path, "ddp", *common),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = _metrics(tmp_path / "single"), _metrics(tmp_path / "ddp")
+    assert len(one) == len(two) == 3
+    # The same global batches: the first loss is the same computation; later ones follow
+    # the same updates (up to float summation order).
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
+    for a, b in zip(one[1:], two[1:], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+    assert "2 process(es)" in (tmp_path / "ddp" / "out.log").read_text()
+
+
+def test_export_loads_in_plain_open_clip(dataset, tmp_path):
+    assert _run(_fit_args(dataset, tmp_path, "run", "--max-steps", "2")).returncode == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "epoch_latest.pt"
+    out = tmp_path / "exported"
+    result = _run(["export", "--checkpoint", str(checkpoint), "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {p.name for p in out.iterdir()} == {
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+        "README.md",
+    }
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    state = _weights(checkpoint)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert model.logit_bias.item() == pytest.approx(state["logit_bias"].item())
+    assert tokenizer(["Cardiomegaly"]).shape[-1] == 64
+    assert "--train-data" in (out / "README.md").read_text()
+    missing = _run(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(out)])
+    assert missing.returncode == 2 and "checkpoint not found" in missing.stderr
