@@ -110,8 +110,9 @@ def render_card(
     mgll_block: dict[str, Any],
     plans: Sequence[ShardPlan],
     stats: Sequence[ShardStats],
+    extra: Sequence[str] = (),
 ) -> str:
-    """The whole card as text."""
+    """The whole card as text; `extra` lines (sections from the shards) go before Columns."""
     header = card_header(pipeline, mgll_block, plans, stats)
     schema = record_schema(len(vocab))
     licence = pipeline.license
@@ -151,6 +152,7 @@ def render_card(
         "",
         *_prevalence_table(vocab, plans, stats),
         "",
+        *extra,
         "## Columns",
         "",
         "| column | meaning |",
@@ -197,6 +199,96 @@ def write_card(
     plans: Sequence[ShardPlan],
     stats: Sequence[ShardStats],
 ) -> None:
-    """Write `out/README.md`."""
-    text = render_card(pipeline, vocab, mgll_block, plans, stats)
+    """Write `out/README.md` (and `out/figures/*.png`), reading the finished shards in `out`."""
+    extra = shard_sections(Path(out), list(mgll_block["label_names"]))
+    text = render_card(pipeline, vocab, mgll_block, plans, stats, extra)
     (Path(out) / "README.md").write_text(text, encoding="utf-8")
+
+
+# Sections that show rows or images of the data: left out of a card published without data.
+DATA_SECTIONS = ("Figures", "Example rows")
+
+
+def split_card(text: str) -> tuple[dict[str, Any], str]:
+    """A card's YAML header (parsed) and its body."""
+    if not text.startswith("---\n") or "\n---\n" not in text[4:]:
+        raise ValueError("card has no YAML header between '---' lines")
+    end = text.index("\n---\n", 4)
+    return yaml.safe_load(text[4:end]), text[end + 5 :]
+
+
+def _drop_sections(body: str, titles: Sequence[str]) -> str:
+    kept: list[str] = []
+    skipping = False
+    for line in body.split("\n"):
+        if line.startswith("## "):
+            skipping = line[3:].strip() in titles
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept)
+
+
+def card_only_text(text: str) -> str:
+    """The card published by `push --card-only`: no data files, figures or example rows.
+
+    The header keeps the licence, tags and the `mgll` block but drops `configs` and
+    `dataset_info` (there are no data files to point at); the body says why there is no data
+    and keeps the rebuild recipe.
+    """
+    header, body = split_card(text)
+    header = {k: v for k, v in header.items() if k not in ("configs", "dataset_info")}
+    body = _drop_sections(body, DATA_SECTIONS)
+    lines = body.split("\n")
+    insert = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
+    note = [
+        "## No data in this repository",
+        "",
+        "The licence of the source release does not allow redistribution, so this repository "
+        "holds only this card. Get the raw release from its provider under its terms and "
+        "rebuild the dataset locally with the recipe in *Rebuild from the raw release* below.",
+        "",
+    ]
+    body = "\n".join(lines[:insert] + note + lines[insert:])
+    front = yaml.safe_dump(header, sort_keys=False, allow_unicode=True, width=100)
+    return "---\n" + front + "---\n" + body
+
+
+def shard_sections(out: Path, label_names: list[str]) -> list[str]:
+    """Sections computed from the shards: figures, text lengths, example rows."""
+    from .figures import CONTEXT, summarise, text_length_table, write_figures
+
+    if not any((out / "data").rglob("*.parquet")):
+        return []
+    summary = summarise(out, label_names)
+    lines: list[str] = []
+    figures = write_figures(out, summary)
+    if figures:
+        captions = {
+            "figures/label_prevalence.png": "Label prevalence",
+            "figures/label_cooccurrence.png": "Label co-occurrence",
+            "figures/sample_images.png": "Sample images",
+        }
+        lines += ["## Figures", ""]
+        for path in figures:
+            lines += [f"![{captions.get(path, path)}]({path})", ""]
+    lines += [
+        "## Text lengths",
+        "",
+        f"Per granularity; tokens approximate open_clip's CLIP tokenizer (context {CONTEXT}, "
+        "start and end tokens included; see `mgll_data/figures.py`).",
+        "",
+        *text_length_table(summary),
+        "",
+    ]
+    if summary.examples:
+        lines += ["## Example rows", ""]
+        for row in summary.examples:
+            lines += [
+                f"- `{row['id']}` ({row['split']}): positive labels "
+                f"{', '.join(row['positive_labels']) or 'none'}",
+                f"  - category: {row['text_category']}",
+                f"  - description: {row['text_description']}",
+                f"  - explanation: {row['text_explanation']}",
+            ]
+        lines.append("")
+    return lines

@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("pipeline", help="pipeline name (see `list`) or path to a pipeline YAML")
     _add_build_options(build)
     build.add_argument("--root", required=True, type=Path, help="folder of the raw release")
+    build.add_argument(
+        "--push-to-hub",
+        metavar="ORG/NAME",
+        default=None,
+        help="after a successful build, push it to this Hub dataset repo (see `push`)",
+    )
+    _add_hub_options(build)
 
     demo = sub.add_parser(
         "demo",
@@ -52,7 +59,67 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="rows per split and label prevalence of a built dataset")
     info.add_argument("out", type=Path, help="dataset folder")
+
+    push = sub.add_parser(
+        "push",
+        help="publish a built dataset to a Hugging Face Hub dataset repo",
+        description="Upload OUT's card and shards byte for byte (never _build/) in one commit; "
+        "unchanged files are skipped and stale remote shards deleted. The source licence "
+        "decides: redistribution 'none' allows only --card-only.",
+    )
+    push.add_argument("out", type=Path, help="dataset folder")
+    push.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="dataset repo")
+    push.add_argument(
+        "--card-only",
+        action="store_true",
+        help="publish only the card and rebuild recipe, no data (for restricted licences)",
+    )
+    _add_hub_options(push)
+
+    merge = sub.add_parser(
+        "merge",
+        help="combine datasets of one domain into one dataset with a config per source",
+        description="Copy the shards of datasets A B ... (same schema version, domain, "
+        "vocabulary and label names) into OUT under data/{source}/, with a card that has "
+        "one config per source and a default config of all.",
+    )
+    merge.add_argument("inputs", nargs="+", type=Path, metavar="DATASET", help="dataset folders")
+    merge.add_argument("--out", required=True, type=Path, help="output dataset folder")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+
+    export = sub.add_parser(
+        "export",
+        help="export a dataset as webdataset tar shards or the reference MGLL layout",
+        description="webdataset: {split}-NNNNNN.tar shards of {key}.png/.json/.txt samples "
+        "(open_clip --dataset-type webdataset). mgll-json: the reference MGLL code's layout "
+        "(JSON lists, .npz images with key 'image', <list>_train.txt / _val.txt).",
+    )
+    export.add_argument("out", type=Path, help="dataset folder")
+    export.add_argument("--format", required=True, choices=("webdataset", "mgll-json"))
+    export.add_argument("--out", dest="dest", required=True, type=Path, help="export folder")
+    export.add_argument("--split", default=None, help="export only this split")
+    export.add_argument(
+        "--samples-per-tar",
+        type=_positive_int,
+        default=1000,
+        help="samples per webdataset tar shard (1000)",
+    )
+    export.add_argument(
+        "--list-name",
+        default="2level_multi_disease_list",
+        help="mgll-json: name of the JSON list (2level_multi_disease_list)",
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace an existing export")
     return parser
+
+
+def _add_hub_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="Hub token (default: HF_TOKEN or the saved login); never printed",
+    )
 
 
 def _add_build_options(parser: argparse.ArgumentParser) -> None:
@@ -145,6 +212,36 @@ def run(argv: Sequence[str] | None = None) -> int:
             root, pipeline = args.root, load_pipeline(args.pipeline)
         summary = build(pipeline, root, args.out, _build_options(args))
         print("\n".join(summary.lines()))
+        if getattr(args, "push_to_hub", None):
+            from .hub import push
+
+            push(args.out, args.push_to_hub, private=args.private, token=args.token)
+        return 0
+    if args.command == "push":
+        from .hub import push
+
+        push(
+            args.out, args.repo_id, private=args.private, token=args.token, card_only=args.card_only
+        )
+        return 0
+    if args.command == "merge":
+        from .merge import merge
+
+        print("\n".join(merge(args.inputs, args.out, overwrite=args.overwrite)))
+        return 0
+    if args.command == "export":
+        from .export import export
+
+        lines = export(
+            args.out,
+            args.format,
+            args.dest,
+            split=args.split,
+            samples_per_tar=args.samples_per_tar,
+            list_name=args.list_name,
+            overwrite=args.overwrite,
+        )
+        print("\n".join(lines))
         return 0
     if args.command == "validate":
         from .inspect import validate_dataset

@@ -29,10 +29,28 @@ def read_card_header(out: Path) -> dict[str, Any]:
 
 
 def data_files(out: Path) -> list[Path]:
-    files = sorted((out / "data").glob("*.parquet"))
+    """The shards: `data/*.parquet`, or `data/<source>/*.parquet` in a merged dataset."""
+    files = sorted((out / "data").rglob("*.parquet"))
     if not files:
         raise UserError(f"{out}: no data/*.parquet shards")
     return files
+
+
+def _shard_block_problem(shard: dict[str, Any], card: dict[str, Any]) -> str | None:
+    """Why a shard's `mgll` block does not belong to the card's (None when it does).
+
+    A merged dataset's card holds the union of annotated labels and, under `sources`, each
+    source's own block; its shards keep their source's block byte for byte.
+    """
+    if "sources" not in card:
+        return None if shard == card else "'mgll' metadata differs from the card's"
+    for key in ("schema_version", "domain", "vocab_version", "label_names"):
+        if shard.get(key) != card.get(key):
+            return f"'mgll' {key} differs from the card's"
+    known = [s.get("annotated_labels") for s in card["sources"].values()]
+    if shard.get("annotated_labels") not in known:
+        return "'mgll' annotated_labels match no source in the card"
+    return None
 
 
 def validate_dataset(out: Path) -> list[str]:
@@ -46,8 +64,10 @@ def validate_dataset(out: Path) -> list[str]:
     label_names = mgll["label_names"]
     schema = record_schema(len(label_names))
     expected_schema = schema.arrow_schema(mgll)
-    if header.get("dataset_info", {}).get("features") != schema.card_features():
-        problems.append("README.md: dataset_info.features differ from the record schema")
+    infos = header.get("dataset_info", {})
+    for info in infos if isinstance(infos, list) else [infos]:  # a list: one per config
+        if info.get("features") != schema.card_features():
+            problems.append("README.md: dataset_info.features differ from the record schema")
     listed = {
         path
         for config in header.get("configs", [])
@@ -55,7 +75,8 @@ def validate_dataset(out: Path) -> list[str]:
         for path in ([entry["path"]] if isinstance(entry["path"], str) else entry["path"])
     }
     files = data_files(out)
-    for path in sorted(listed - {f"data/{f.name}" for f in files}):
+    present = {path.relative_to(out).as_posix() for path in files}
+    for path in sorted(listed - present):
         problems.append(f"README.md lists {path}, which does not exist")
 
     manifest_path = out / "_build" / "manifest.json"
@@ -69,7 +90,7 @@ def validate_dataset(out: Path) -> list[str]:
     seen_ids: set[str] = set()
     patients: dict[str, set[str]] = defaultdict(set)
     for path in files:
-        rel = f"data/{path.name}"
+        rel = path.relative_to(out).as_posix()
         where = str(path)
         if rel not in listed:
             problems.append(f"{where}: not listed in the card's data_files")
@@ -81,8 +102,9 @@ def validate_dataset(out: Path) -> list[str]:
             problems.append(f"{where}: not a readable Parquet file ({err})")
             continue
         try:
-            if read_mgll_metadata(parquet.schema_arrow, where) != mgll:
-                problems.append(f"{where}: 'mgll' metadata differs from the card's")
+            problem = _shard_block_problem(read_mgll_metadata(parquet.schema_arrow, where), mgll)
+            if problem:
+                problems.append(f"{where}: {problem}")
         except ValueError as err:
             problems.append(str(err))
         if not parquet.schema_arrow.equals(expected_schema, check_metadata=False):
