@@ -248,6 +248,7 @@ def build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> B
             color=pipeline.section("image").get("color", "grey"),
         ),
         texts=pipeline.section("texts"),
+        image_options=pipeline.section("image"),
     )
     early = scan.quarantine + duplicates
     stats = dict(finished)

@@ -12,6 +12,12 @@ class ImageRef:
 
     path: str
     member: str | None = None
+    format: str = "auto"  # "dicom", or "auto": DICOM when the name ends in .dcm / .dcm.gz
+
+    @property
+    def is_dicom(self) -> bool:
+        name = (self.member or self.path).lower()
+        return self.format == "dicom" or name.endswith((".dcm", ".dcm.gz", ".dicom"))
 
     def describe(self) -> str:
         return f"{self.path}!{self.member}" if self.member else self.path

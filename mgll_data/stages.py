@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .dicom import process_dicom
 from .errors import ItemError
 from .images import EncodedImage, ImagePolicy, process_image
 from .items import QuarantineEntry, RawItem
@@ -25,6 +26,7 @@ class BuildContext:
     domain: str
     image_policy: ImagePolicy
     texts: dict[str, Any] = field(default_factory=dict)
+    image_options: dict[str, Any] = field(default_factory=dict)  # the pipeline's `image` block
 
     @property
     def vocab(self) -> Vocabulary:
@@ -58,18 +60,58 @@ def label_vector(labels: dict[str, float], vocab: Vocabulary) -> list[float]:
     return [float(labels.get(name, math.nan)) for name in vocab.names]
 
 
-def label_texts(
-    labels: list[float], vocab: Vocabulary, texts: dict[str, Any]
+def build_texts(
+    labels: list[float], sections: dict[str, str], vocab: Vocabulary, config: dict[str, Any]
 ) -> tuple[list[str], list[str]]:
-    """The three texts of a label-only source, and the origin of each."""
+    """The three texts (DESIGN §6) and the origin of each.
+
+    The category always comes from the labels (the shared formatter). Description and
+    explanation take the first non-empty item section named in the pipeline's
+    `texts.description.sections` / `texts.explanation.sections` (e.g. impression, then
+    last_paragraph; a MIDRC study description); without one they are built from the labels
+    (the description template) and from the vocabulary (the explanations of the positives).
+    """
+    description_config = config.get("description", {})
+    explanation_config = config.get("explanation", {})
+    description, description_origin = _first_section(sections, description_config)
+    if description is None:
+        description, description_origin = (
+            describe_labels(labels, vocab, description_config),
+            ("label_template"),
+        )
+    explanation, explanation_origin = _first_section(sections, explanation_config)
+    if explanation is None:
+        explanation, explanation_origin = explain_labels(labels, vocab), "vocabulary"
     return (
-        [
-            format_category(labels, vocab),
-            describe_labels(labels, vocab, texts["description"]),
-            explain_labels(labels, vocab),
-        ],
-        ["labels", "label_template", "vocabulary"],
+        [format_category(labels, vocab), description, explanation],
+        ["labels", description_origin, explanation_origin],
     )
+
+
+def _first_section(sections: dict[str, str], config: dict[str, Any]) -> tuple[str | None, str]:
+    for name in config.get("sections", ()):
+        text = " ".join(str(sections.get(name) or "").split())
+        if text:
+            return text, name
+    return None, ""
+
+
+def load_image(task: Task, ctx: BuildContext) -> tuple[EncodedImage, dict[str, Any]]:
+    """The image stage: DICOM through the DICOM stage, anything else through the raster one.
+
+    Returns the encoded image and, for DICOM, the whitelisted header fields.
+    """
+    ref = task.item.image
+    source = task.image_bytes if task.image_bytes is not None else ref.path
+    if ref.is_dicom:
+        options = ctx.image_options
+        return process_dicom(
+            source,
+            ctx.image_policy,
+            skip_for_processing=bool(options.get("skip_for_processing", True)),
+            voi=str(options.get("voi", "auto")),
+        )
+    return process_image(source, ctx.image_policy), {}
 
 
 def rescale_boxes(
@@ -96,12 +138,13 @@ def build_record(task: Task, ctx: BuildContext) -> dict[str, Any]:
     if task.error:
         raise ItemError("image", task.error)
     labels = label_vector(item.labels, vocab)
-    texts, origins = label_texts(labels, vocab, ctx.texts)
+    texts, origins = build_texts(labels, item.sections, vocab, ctx.texts)
     if any(not t.strip() for t in texts):
         raise ItemError("text", "a text is empty after every fallback")
-    source = task.image_bytes if task.image_bytes is not None else item.image.path
-    image = process_image(source, ctx.image_policy)
+    image, dicom_fields = load_image(task, ctx)
     extra = dict(item.extra)
+    if dicom_fields:
+        extra["dicom"] = dicom_fields
     if item.boxes:
         frame = item.box_frame or (image.orig_width, image.orig_height)
         extra["boxes"] = rescale_boxes(item.boxes, frame, image)
