@@ -34,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("pipeline", help="pipeline name (see `list`) or path to a pipeline YAML")
     _add_build_options(build)
     build.add_argument("--root", required=True, type=Path, help="folder of the raw release")
+    source = build.add_argument_group("source options (for the sources that take them)")
+    source.add_argument("--images", choices=("jpg", "dicom"), help="image files to read")
+    source.add_argument("--views", help="comma-separated views to keep, e.g. PA,AP (all)")
+    source.add_argument(
+        "--labels", choices=("chexpert", "negbio", "text"), help="where labels come from"
+    )
     build.add_argument(
         "--push-to-hub",
         metavar="ORG/NAME",
@@ -179,6 +185,11 @@ def _build_options(args: argparse.Namespace):
         overwrite=args.overwrite,
         max_errors=args.max_errors,
         progress=False if args.no_progress else None,
+        source_options=tuple(
+            (key, str(getattr(args, key)))
+            for key in ("images", "views", "labels")
+            if getattr(args, key, None) is not None
+        ),
     )
 
 

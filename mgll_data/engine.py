@@ -50,6 +50,7 @@ class BuildOptions:
     overwrite: bool = False
     max_errors: int | None = None
     progress: bool | None = None  # None: show a bar when stderr is a terminal
+    source_options: tuple[tuple[str, str], ...] = ()  # e.g. (("images", "dicom"),)
 
     def fingerprint_options(self) -> dict[str, Any]:
         return {
@@ -57,6 +58,7 @@ class BuildOptions:
             "image_format": self.image_format,
             "limit": self.limit,
             "rows_per_shard": self.rows_per_shard,
+            "source_options": dict(self.source_options),
         }
 
 
@@ -202,7 +204,7 @@ def build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> B
     """Build the dataset of `pipeline` from the raw release at `root` into `out`."""
     started = time.time()
     vocab = load_vocabulary(pipeline.domain)
-    source = make_source(pipeline, root, vocab)
+    source = make_source(pipeline, root, vocab, dict(options.source_options))
     scan = source.scan()
     items, duplicates = _dedupe(sorted(scan.items, key=lambda i: i.id))
     if options.limit is not None:

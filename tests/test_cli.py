@@ -101,3 +101,21 @@ def test_killed_build_resumes_to_identical_output(tmp_path):
     )
     assert (out / "README.md").read_bytes() == (tmp_path / "whole" / "README.md").read_bytes()
     assert not list((out / "_build" / "tmp").iterdir())
+
+
+def test_source_options_are_checked_by_the_source(tmp_path):
+    out = tmp_path / "demo"
+    cli("demo", "--out", str(out), "--n", "8", "--image-size", "32")
+    result = cli(
+        "build",
+        "chestxray14",
+        "--root",
+        str(out / "_raw"),
+        "--out",
+        str(tmp_path / "x"),
+        "--images",
+        "dicom",
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "does not take --images" in result.stderr.strip().splitlines()[-1]

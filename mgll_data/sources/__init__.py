@@ -15,15 +15,17 @@ SOURCES: dict[str, type[Source]] = {
 }
 
 
-def make_source(pipeline: Pipeline, root: Path, vocab: Vocabulary) -> Source:
-    """Instantiate the reader that the pipeline names."""
+def make_source(
+    pipeline: Pipeline, root: Path, vocab: Vocabulary, options: dict[str, str] | None = None
+) -> Source:
+    """Instantiate the reader that the pipeline names, with command-line source options."""
     try:
         source_class = SOURCES[pipeline.source]
     except KeyError:
         raise UserError(
             f"{pipeline.path}: unknown source {pipeline.source!r}; known: {sorted(SOURCES)}"
         ) from None
-    return source_class(root, pipeline, vocab)
+    return source_class(root, pipeline, vocab, options or {})
 
 
 __all__ = ["SOURCES", "ScanResult", "Source", "make_source"]

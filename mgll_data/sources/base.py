@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from ..errors import UserError
 from ..items import ImageRef, QuarantineEntry, RawItem
@@ -30,10 +31,26 @@ class ScanResult:
 class Source(ABC):
     """Reads one release layout. Subclasses check the layout, then scan it into RawItems."""
 
-    def __init__(self, root: Path, pipeline: Pipeline, vocab: Vocabulary):
+    # Command-line options this source understands (`--images`, `--views`, `--labels`).
+    OPTIONS: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(
+        self,
+        root: Path,
+        pipeline: Pipeline,
+        vocab: Vocabulary,
+        options: dict[str, str] | None = None,
+    ):
         self.root = Path(root)
         self.pipeline = pipeline
         self.vocab = vocab
+        self.options = dict(options or {})
+        unsupported = sorted(set(self.options) - self.OPTIONS)
+        if unsupported:
+            raise UserError(
+                f"pipeline {pipeline.name!r} does not take --{unsupported[0]} "
+                f"(its source takes: {sorted(self.OPTIONS) or 'no options'})"
+            )
         if not self.root.is_dir():
             raise UserError(f"{self.root}: release root is not a directory")
 
