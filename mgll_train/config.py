@@ -44,6 +44,13 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights of the '::'-joined train datasets, e.g. '1::2'",
     )
     data.add_argument("--train-split", default="train", help="value of the split column (train)")
+    data.add_argument(
+        "--shuffle-window",
+        type=int,
+        default=0,
+        help="block-shuffle rows within runs of N Parquet row groups (fast "
+        "reading of large corpora); 0: a uniform permutation (0)",
+    )
     data.add_argument("--workers", type=int, default=2, help="data loader workers per process (2)")
     data.add_argument(
         "--granularities",

@@ -44,6 +44,7 @@ import json
 import math
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,9 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from mgll_train.loss import text_hash
 
 METADATA_KEY = b"mgll"
+# Row groups cached per process. A block-shuffled epoch (mgll_train.sampler) touches a window of
+# row groups at a time, so each is read once instead of once per row.
+ROW_GROUP_CACHE = 32
 GRANULARITY_COLUMNS = {
     "category": "text_category",
     "description": "text_description",
@@ -306,7 +310,8 @@ class ParquetRecords(Dataset):
             index = np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 3))
         self.index = np.asarray(index, dtype=np.int64).reshape(-1, 3)
         self._handles: dict[int, pq.ParquetFile] = {}
-        self._cached: tuple[tuple[int, int], pa.Table] | None = None
+        self._cached: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
+        self.row_group_reads = 0  # row groups read from disk by this process (cache misses)
 
     @classmethod
     def from_sources(
@@ -340,20 +345,29 @@ class ParquetRecords(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_handles"], state["_cached"] = {}, None
+        state["_handles"], state["_cached"] = {}, OrderedDict()
         return state
 
     def read_row_group(self, file: int, group: int) -> pa.Table:
-        """One row group (cached: the last one read by this process)."""
+        """One row group, from a small per-process LRU cache of the last row groups read."""
         key = (file, group)
-        if self._cached is not None and self._cached[0] == key:
-            return self._cached[1]
+        table = self._cached.get(key)
+        if table is not None:
+            self._cached.move_to_end(key)
+            return table
         handle = self._handles.get(file)
         if handle is None:
             handle = self._handles[file] = pq.ParquetFile(self.files[file])
         table = handle.read_row_group(group, columns=self.columns)
-        self._cached = (key, table)
+        self.row_group_reads += 1
+        self._cached[key] = table
+        if len(self._cached) > ROW_GROUP_CACHE:
+            self._cached.popitem(last=False)
         return table
+
+    def row_groups(self) -> np.ndarray:
+        """For every index entry, an integer naming its (file, row group): for block shuffling."""
+        return self.index[:, 0] * (1 << 32) + self.index[:, 1]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         file, group, row = (int(v) for v in self.index[i])

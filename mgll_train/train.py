@@ -168,7 +168,15 @@ def fit(args: argparse.Namespace) -> Path:
         upsampling_factors=args.train_data_upsampling_factors,
         seed=args.seed,
     )
-    sampler = GlobalBatchSampler(len(dataset), args.batch_size, world_size, rank, args.seed)
+    sampler = GlobalBatchSampler(
+        len(dataset),
+        args.batch_size,
+        world_size,
+        rank,
+        args.seed,
+        row_groups=dataset.records.row_groups(),
+        window=args.shuffle_window,
+    )
     model: torch.nn.Module = FeatureModel(bundle.model, normalize=args.loss != "mgll-official")
     if world_size > 1:
         model = DistributedDataParallel(
