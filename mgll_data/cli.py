@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--root", required=True, type=Path, help="folder of the raw release")
     source = build.add_argument_group("source options (for the sources that take them)")
     source.add_argument("--images", choices=("jpg", "dicom"), help="image files to read")
+    source.add_argument(
+        "--crop-borders",
+        action="store_true",
+        default=None,
+        help="crop the black background around fundus photographs",
+    )
     source.add_argument("--views", help="comma-separated views to keep, e.g. PA,AP (all)")
     source.add_argument(
         "--labels", choices=("chexpert", "negbio", "text"), help="where labels come from"
@@ -56,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--n", type=_positive_int, default=200, help="number of images (200)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    demo.add_argument(  # issue 5
+        "--learnable",
+        action="store_true",
+        help="a controlled task: 64-px images whose findings leave distinct visual signs, with "
+        "report-like texts naming location and severity (use e.g. --n 2000)",
+    )
     _add_build_options(demo)
 
     sub.add_parser("list", help="list the shipped pipelines")
@@ -185,6 +197,7 @@ def _build_options(args: argparse.Namespace):
         overwrite=args.overwrite,
         max_errors=args.max_errors,
         progress=False if args.no_progress else None,
+        crop_borders=getattr(args, "crop_borders", None),
         source_options=tuple(
             (key, str(getattr(args, key)))
             for key in ("images", "views", "labels")
@@ -209,6 +222,14 @@ def run(argv: Sequence[str] | None = None) -> int:
         from .engine import build
         from .pipeline import load_pipeline
 
+        if args.command == "demo" and args.learnable:  # issue 5
+            from .learnable import build_learnable
+
+            args.overwrite = not args.resume
+            print(f"writing a learnable synthetic release of {args.n} images to {args.out}/_raw")
+            summary = build_learnable(args.out, args.n, args.seed, _build_options(args))
+            print("\n".join(summary.lines()))
+            return 0
         if args.command == "demo":
             from .demo import write_demo_release
 

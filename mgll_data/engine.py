@@ -51,6 +51,7 @@ class BuildOptions:
     max_errors: int | None = None
     progress: bool | None = None  # None: show a bar when stderr is a terminal
     source_options: tuple[tuple[str, str], ...] = ()  # e.g. (("images", "dicom"),)
+    crop_borders: bool | None = None  # None: as the pipeline's `image.crop_borders` says
 
     def fingerprint_options(self) -> dict[str, Any]:
         return {
@@ -59,6 +60,7 @@ class BuildOptions:
             "limit": self.limit,
             "rows_per_shard": self.rows_per_shard,
             "source_options": dict(self.source_options),
+            "crop_borders": self.crop_borders,
         }
 
 
@@ -248,6 +250,11 @@ def build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> B
             image_size=options.image_size,
             format=options.image_format,
             color=pipeline.section("image").get("color", "grey"),
+            crop_borders=bool(
+                pipeline.section("image").get("crop_borders", False)
+                if options.crop_borders is None
+                else options.crop_borders
+            ),
         ),
         texts=pipeline.section("texts"),
         image_options=pipeline.section("image"),

@@ -29,6 +29,7 @@ class ImagePolicy:
     color: str = "grey"  # "grey" for radiographs, "rgb" for fundus photographs
     format: str = "png"  # "png" or "jpeg"
     jpeg_quality: int = 95
+    crop_borders: bool = False  # crop the black background around a fundus disc
 
     @property
     def extension(self) -> str:
@@ -92,6 +93,10 @@ def process_image(source: str | Path | bytes, policy: ImagePolicy) -> EncodedIma
     with image:
         orig_width, orig_height = image.size
         size = target_size(orig_width, orig_height, policy.image_size)
+        if policy.crop_borders:
+            # The crop may keep only the central square: decode big enough for that too.
+            scale = min(1.0, policy.image_size / min(orig_width, orig_height))
+            size = (round(orig_width * scale), round(orig_height * scale))
         if image.format == "JPEG" and size != image.size:
             # Let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) that is still >= the target.
             image.draft("L" if policy.color == "grey" else "RGB", size)
@@ -100,7 +105,35 @@ def process_image(source: str | Path | bytes, policy: ImagePolicy) -> EncodedIma
         except (OSError, SyntaxError, ValueError, zlib.error) as err:
             raise ItemError("image", f"corrupt or truncated image ({err})") from err
         pixels = normalise_mode(image, policy.color)
+    if policy.crop_borders:
+        pixels = crop_black_borders(pixels)
+        # Sizes now refer to the cropped region, in source pixels.
+        scale = orig_width / image.size[0]
+        orig_width, orig_height = round(pixels.width * scale), round(pixels.height * scale)
     return resize_and_encode(pixels, (orig_width, orig_height), policy)
+
+
+def crop_black_borders(image: Image.Image, threshold: int = 15) -> Image.Image:
+    """Crop the black background around a fundus photograph's disc (or any dark frame).
+
+    Rows and columns where fewer than 1 % of the pixels are brighter than `threshold` count as
+    background; the result is the bounding box of the rest. An image that is all background is
+    returned unchanged.
+    """
+    grey = np.asarray(image if image.mode == "L" else image.convert("L"))
+    step = max(1, min(grey.shape) // 512)  # a strided view is plenty to find the disc
+    bright = grey[::step, ::step] > threshold
+    rows = np.flatnonzero(bright.mean(axis=1) > 0.01)
+    cols = np.flatnonzero(bright.mean(axis=0) > 0.01)
+    if rows.size == 0 or cols.size == 0:
+        return image
+    box = (
+        int(cols[0] * step),
+        int(rows[0] * step),
+        int(min(image.width, (cols[-1] + 1) * step)),
+        int(min(image.height, (rows[-1] + 1) * step)),
+    )
+    return image if box == (0, 0, image.width, image.height) else image.crop(box)
 
 
 def resize_and_encode(

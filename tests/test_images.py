@@ -98,3 +98,20 @@ def test_fast_png_round_trips_through_pillow(shape):
     assert np.array_equal(np.asarray(image), pixels)
     with pytest.raises(ValueError, match="uint8"):
         encode_png(pixels.astype(np.uint16))
+
+
+def test_crop_borders_keeps_the_fundus_disc():
+    yy, xx = np.mgrid[0:300, 0:400]
+    disc = ((xx - 200) ** 2 + (yy - 150) ** 2) < 120**2  # a 240 px disc on a black frame
+    rgb = np.zeros((300, 400, 3), np.uint8)
+    rgb[disc] = (180, 90, 40)
+    source = _encoded(Image.fromarray(rgb), "JPEG")
+    out = process_image(source, ImagePolicy(image_size=120, color="rgb", crop_borders=True))
+    image = _decode(out.data)
+    assert image.mode == "RGB" and abs(image.width - image.height) <= 4  # the disc's square
+    assert max(image.size) == 120
+    assert 230 <= out.orig_width <= 250  # the cropped region, in source pixels
+    plain = process_image(source, ImagePolicy(image_size=120, color="rgb"))
+    assert (plain.width, plain.height) == (120, 90)
+    black = _encoded(Image.new("RGB", (50, 40)))
+    assert process_image(black, ImagePolicy(color="rgb", crop_borders=True)).width == 50
