@@ -44,6 +44,16 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights of the '::'-joined train datasets, e.g. '1::2'",
     )
     data.add_argument("--train-split", default="train", help="value of the split column (train)")
+    # --- evaluation during training (issue 5) ---
+    data.add_argument("--val-data", default=None, help="dataset evaluated during training")
+    data.add_argument("--val-split", default="validation", help="its split (validation)")
+    data.add_argument(
+        "--val-frequency", type=int, default=1, help="label-aware retrieval every N epochs (1)"
+    )
+    data.add_argument(
+        "--zeroshot-frequency", type=int, default=1, help="zero-shot AUROC every N epochs (1)"
+    )
+    # --- end evaluation during training ---
     data.add_argument(
         "--shuffle-window",
         type=int,
@@ -114,6 +124,18 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--warmup", type=int, default=100, help="warm-up steps (100)")
     optim.add_argument(
         "--precision", choices=("fp32", "amp", "amp_bf16", "amp_bfloat16"), default="fp32"
+    )
+    optim.add_argument(
+        "--accum-freq",
+        type=int,
+        default=1,
+        help="micro-batches per step; the loss spans all of them (1)",
+    )
+    optim.add_argument(
+        "--grad-clip-norm",
+        type=float,
+        default=None,
+        help="clip the gradient norm to this value (off)",
     )
     optim.add_argument("--seed", type=int, default=0)
     optim.add_argument(

@@ -9,7 +9,6 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,7 +169,7 @@ def fit(args: argparse.Namespace) -> Path:
     )
     sampler = GlobalBatchSampler(
         len(dataset),
-        args.batch_size,
+        args.batch_size * args.accum_freq,  # one optimizer step takes accum_freq micro-batches
         world_size,
         rank,
         args.seed,
@@ -264,7 +263,17 @@ def fit(args: argparse.Namespace) -> Path:
             if step >= total_steps:
                 break
             scheduler(step)
-            losses = _train_step(model, loss_fn, optimizer, scaler, autocast, batch, device)
+            losses = _train_step(
+                model,
+                loss_fn,
+                optimizer,
+                scaler,
+                autocast,
+                batch,
+                device,
+                accum_freq=args.accum_freq,
+                grad_clip_norm=args.grad_clip_norm,
+            )
             step += 1
             batch_index += 1
             truncation.update(batch)
@@ -304,6 +313,8 @@ def fit(args: argparse.Namespace) -> Path:
                 state_at(epoch + 1, 0),
                 latest=run.checkpoints / "epoch_latest.pt",
             )
+        if is_master and args.val_data and finished:  # evaluation during training (issue 5)
+            _evaluate_epoch(run, unwrap(model).clip, bundle.tokenizer, args, epoch + 1, device)
         if step >= total_steps:
             if is_master and not finished:  # --max-steps ended the run inside an epoch
                 save_checkpoint(
@@ -319,6 +330,35 @@ def fit(args: argparse.Namespace) -> Path:
     return run.root
 
 
+def _evaluate_epoch(
+    run: Run, clip: torch.nn.Module, tokenizer: Any, args: argparse.Namespace, epoch: int, device
+) -> None:
+    """`--val-data`: the eval keys as one line `{"eval": {...}, "epoch": N}` of metrics.jsonl."""
+    from .evaluate import clean_metrics, evaluate_model
+
+    tasks = []
+    if args.zeroshot_frequency and epoch % args.zeroshot_frequency == 0:
+        tasks.append("zeroshot")
+    if args.val_frequency and epoch % args.val_frequency == 0:
+        tasks.append("retrieval")
+    if not tasks:
+        return
+    eval_args = argparse.Namespace(
+        uncertain="ignore", unmentioned="ignore", seed=args.seed, batch_size=args.batch_size,
+        workers=0, bootstrap=200, finetune=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        metrics, _ = evaluate_model(
+            clip, tokenizer, args.val_data, args.val_split, tasks, eval_args, device
+        )
+    metrics = clean_metrics(metrics)
+    zs = metrics.get("zeroshot", {}).get("macro_auroc")
+    r5 = metrics.get("retrieval", {}).get("image_to_text", {}).get("R@5")
+    log.info("eval epoch %d on %s: zero-shot macro AUROC %s, R@5 %s", epoch, args.val_split, zs, r5)
+    with open(run.metrics, "a") as f:
+        f.write(json.dumps({"eval": metrics, "epoch": epoch}, sort_keys=True) + "\n")
+
+
 def _train_step(
     model: torch.nn.Module,
     loss_fn: MGLLLoss,
@@ -327,29 +367,68 @@ def _train_step(
     autocast: Any,
     batch: dict[str, Any],
     device: torch.device,
+    accum_freq: int = 1,
+    grad_clip_norm: float | None = None,
 ) -> dict[str, torch.Tensor]:
+    """One optimizer step on `batch`, split into `accum_freq` micro-batches if asked.
+
+    With accumulation the loss is still the loss of the whole batch, as in open_clip: the
+    features of every micro-batch are first computed without gradients and cached; then each
+    micro-batch is recomputed with gradients and the loss taken over its fresh features and the
+    others' cached ones, so the accumulated gradient is the whole batch's.
+    """
     images = batch["images"].to(device, non_blocking=True)
     texts = batch["texts"].to(device, non_blocking=True)
-    with autocast() if autocast is not None else nullcontext():
-        out = model(images, texts)
-        losses = loss_fn(
-            out["image_features"],
-            out["text_features"],
-            out["logit_scale"],
-            logit_bias=out.get("logit_bias"),
-            labels=batch["labels"].to(device),
-            text_ids=batch["text_ids"].to(device),
-        )
+    labels = batch["labels"].to(device)
+    text_ids = batch["text_ids"].to(device)
+    image_chunks = images.chunk(accum_freq)
+    text_chunks = texts.chunk(accum_freq, dim=1)
+    cached: list[dict[str, torch.Tensor]] = []
+    if accum_freq > 1:
+        with torch.no_grad(), autocast():
+            cached = [model(i, t) for i, t in zip(image_chunks, text_chunks, strict=True)]
     optimizer.zero_grad(set_to_none=True)
+    for j in range(accum_freq):
+        with autocast():
+            fresh = model(image_chunks[j], text_chunks[j])
+            parts = [fresh if k == j else cached[k] for k in range(accum_freq)]
+            # The scale and bias enter every micro-batch's loss: each carries 1/accum_freq of
+            # their gradient (same values), or it would be counted accum_freq times. Detaching
+            # all but one instead would leave DDP with parameters unused in a backward.
+            scale = _share_gradient(fresh["logit_scale"], accum_freq)
+            bias = fresh.get("logit_bias")
+            bias = _share_gradient(bias, accum_freq) if bias is not None else None
+            losses = loss_fn(
+                torch.cat([p["image_features"] for p in parts]),
+                torch.cat([p["text_features"] for p in parts], dim=1),
+                scale,
+                logit_bias=bias,
+                labels=labels,
+                text_ids=text_ids,
+            )
+        if scaler is not None:
+            scaler.scale(losses["loss"]).backward()
+        else:
+            losses["loss"].backward()
     if scaler is not None:
-        scaler.scale(losses["loss"]).backward()
+        if grad_clip_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
         scaler.step(optimizer)
         scaler.update()
     else:
-        losses["loss"].backward()
+        if grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
         optimizer.step()
     clamp_logit_scale(unwrap(model).clip)
     return {k: v.detach() for k, v in losses.items()}
+
+
+def _share_gradient(value: torch.Tensor, parts: int) -> torch.Tensor:
+    """`value` unchanged, but only 1/parts of the gradient flows back through it."""
+    if parts == 1:
+        return value
+    return value / parts + value.detach() * (1 - 1 / parts)
 
 
 def _log_step(

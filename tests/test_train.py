@@ -186,7 +186,7 @@ def test_torchrun_ddp_matches_one_process(dataset, tmp_path):
             "-m",
             "mgll_train",
             "--",  # torchrun would otherwise read --logs as an abbreviation of its --logs-specs
-            *_fit_args(dataset, tmp_path, "ddp", *common),
+            *_fit_args(dataset, tmp_path, "ddp", *common, "--accum-freq", "2", batch_size=2),
         ],
         cwd=REPO,
         env=env,
@@ -197,8 +197,8 @@ def test_torchrun_ddp_matches_one_process(dataset, tmp_path):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = _metrics(tmp_path / "single"), _metrics(tmp_path / "ddp")
     assert len(one) == len(two) == 3
-    # The same global batches: the first loss is the same computation; later ones follow
-    # the same updates (up to float summation order).
+    # 2 processes x 2 micro-batches of 2 = the same global batches of 8: the first loss is the
+    # same computation; later ones follow the same updates (up to float summation order).
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
     for a, b in zip(one[1:], two[1:], strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
