@@ -9,9 +9,11 @@ from ..pipeline import Pipeline
 from ..vocab import Vocabulary
 from .base import ScanResult, Source
 from .chestxray14 import ChestXray14Source
+from .mimic_cxr import MimicCxrSource
 
 SOURCES: dict[str, type[Source]] = {
     "chestxray14": ChestXray14Source,
+    "mimic_cxr": MimicCxrSource,
 }
 
 

@@ -1,0 +1,386 @@
+"""MIMIC-CXR (reports, DICOM) + MIMIC-CXR-JPG (JPG, metadata, labels, split).
+
+Reference: shared/reference/source-formats.md §1. The two releases may sit side by side
+(`mimic-cxr/2.0.0/`, `mimic-cxr-jpg/2.0.0/`, also under `physionet.org/files/`) or be merged into
+one folder; each is found by its file names. One item per metadata row (image):
+
+- id `mimic_cxr:{dicom_id}`, patient `p{subject_id}`, study `s{study_id}`;
+- split from `mimic-cxr-2.0.0-split.csv(.gz)` (`validate` -> `validation`); an image in no split,
+  or whose image file is missing, is quarantined with the reason;
+- image: `files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg` (`--images jpg`, default) or the MIMIC-CXR
+  `.dcm` / `.dcm.gz` (`--images dicom`); `--views PA,AP` keeps only those ViewPositions;
+- report: `files/pXX/pSUBJECT/sSTUDY.txt` or the same member of `mimic-cxr-reports.zip` (read in
+  place); sectioned by `mgll_data.sections`; all non-empty sections go to `item.sections`;
+- labels: `--labels chexpert` (default) / `negbio` from the study-level CSVs (1/0/-1, blank = not
+  mentioned), or `text` (the project's extractor on the report's conclusion). A study absent from
+  the label CSV is mined from its report text when the pipeline's `labels.missing` is `text`
+  (restricted to the CSV's 14 labels, so `annotated_labels` stays true), else quarantined;
+- `extra.study_order`: the study's rank among the patient's studies by StudyDate + StudyTime
+  (0 = first). Dates and times themselves never reach a record (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import zipfile
+from pathlib import Path
+
+from ..errors import UserError
+from ..items import ImageRef, QuarantineEntry, RawItem
+from ..labeler import TextLabeler
+from ..sections import conclusion, section_report
+from .base import ScanResult, Source
+from .tables import read_csv_table
+
+METADATA = "mimic-cxr-2.0.0-metadata.csv"
+SPLIT = "mimic-cxr-2.0.0-split.csv"
+LABEL_FILES = {"chexpert": "mimic-cxr-2.0.0-chexpert.csv", "negbio": "mimic-cxr-2.0.0-negbio.csv"}
+RECORD_LIST = "cxr-record-list.csv"
+REPORTS_ZIP = "mimic-cxr-reports.zip"
+SPLIT_NAMES = {
+    "train": "train",
+    "validate": "validation",
+    "validation": "validation",
+    "test": "test",
+}
+LABEL_VALUES = {"1.0": 1.0, "1": 1.0, "0.0": 0.0, "0": 0.0, "-1.0": -1.0, "-1": -1.0}
+IMAGE_MODES = ("jpg", "dicom")
+LABEL_MODES = ("chexpert", "negbio", "text")
+_MAX_DEPTH = 5
+
+
+def parse_study_time(raw: str) -> float | None:
+    """DICOM TM as MIMIC writes it (`93412.123` for 09:34:12.123, leading zero lost) -> seconds."""
+    raw = str(raw).strip()
+    match = re.fullmatch(r"(\d{1,6})(?:\.(\d+))?", raw)
+    if not match:
+        return None
+    whole = match.group(1).zfill(6)
+    hours, minutes, seconds = int(whole[:2]), int(whole[2:4]), int(whole[4:6])
+    if hours > 23 or minutes > 59 or seconds > 60:
+        return None
+    fraction = float(f"0.{match.group(2)}") if match.group(2) else 0.0
+    return hours * 3600 + minutes * 60 + seconds + fraction
+
+
+def _study_key(date: str, time: str) -> tuple[str, float]:
+    seconds = parse_study_time(time)
+    return (str(date).strip(), seconds if seconds is not None else math.inf)
+
+
+def _find(root: Path, name: str) -> Path | None:
+    """`name` or `name.gz` under root (the release folders, not their `files/` trees)."""
+    for folder, dirs, names in os.walk(root):
+        depth = len(Path(folder).relative_to(root).parts)
+        dirs[:] = sorted(d for d in dirs if d != "files" and not d.startswith("."))
+        if depth >= _MAX_DEPTH:
+            dirs[:] = []
+        for candidate in (name, f"{name}.gz"):
+            if candidate in names:
+                return Path(folder) / candidate
+    return None
+
+
+def _group(subject: str) -> str:
+    return f"p{subject[:2]}"
+
+
+class MimicCxrSource(Source):
+    """Reads MIMIC-CXR-JPG's CSVs with images from either release and reports from MIMIC-CXR."""
+
+    OPTIONS = frozenset({"images", "views", "labels"})
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        defaults = self.pipeline.section("options")
+        self.image_mode = str(self.options.get("images", defaults.get("images", "jpg"))).lower()
+        self.label_mode = str(self.options.get("labels", defaults.get("labels", "chexpert")))
+        self.label_mode = self.label_mode.lower()
+        views = self.options.get("views", defaults.get("views")) or ""
+        if isinstance(views, list):
+            views = ",".join(views)
+        self.views = {v.strip().upper() for v in str(views).split(",") if v.strip()} or None
+        if self.image_mode not in IMAGE_MODES:
+            raise UserError(f"--images {self.image_mode!r}: expected one of {list(IMAGE_MODES)}")
+        if self.label_mode not in LABEL_MODES:
+            raise UserError(f"--labels {self.label_mode!r}: expected one of {list(LABEL_MODES)}")
+        labels = self.pipeline.section("labels")
+        self.label_map: dict[str, str] = labels.get("map", {})
+        self.missing_policy = str(labels.get("missing", "text")).lower()
+        if self.missing_policy not in ("text", "quarantine"):
+            raise UserError(
+                f"{self.pipeline.path}: labels.missing must be 'text' or 'quarantine', "
+                f"not {self.missing_policy!r}"
+            )
+        self.text_sections = tuple(labels.get("text_sections") or ())
+        sections = self.pipeline.section("sections")
+        self.special_indices = {
+            k: (int(v[0]), int(v[1])) for k, v in (sections.get("special_indices") or {}).items()
+        }
+        self.special_names = dict(sections.get("special_section_names") or {})
+        self.metadata = _find(self.root, METADATA)
+        self.split_file = _find(self.root, SPLIT)
+        self.label_file = (
+            _find(self.root, LABEL_FILES[self.label_mode]) if self.label_mode != "text" else None
+        )
+        self.record_list = _find(self.root, RECORD_LIST)
+        self.reports_zip = _find(self.root, REPORTS_ZIP)
+        self._labeler: TextLabeler | None = None
+
+    # -- interface --------------------------------------------------------------------------
+    def input_files(self) -> list[Path]:
+        files = [self.metadata, self.split_file, self.label_file, self.record_list]
+        files.append(self.reports_zip)
+        return [f for f in files if f is not None]
+
+    def annotated_labels(self) -> list[str]:
+        if self.label_mode == "text":
+            return self.vocab.names
+        return super().annotated_labels()
+
+    def scan(self) -> ScanResult:
+        self._check_layout()
+        assert self.metadata is not None and self.split_file is not None
+        jpg_root = self.metadata.parent
+        dicom_root = self._dicom_root()
+        meta = read_csv_table(self.metadata, ("dicom_id", "subject_id", "study_id"))
+        split_table = read_csv_table(self.split_file, ("dicom_id", "split"))
+        splits = {r["dicom_id"].strip(): r["split"].strip() for r in split_table.to_dict("records")}
+        csv_labels = self._read_labels()
+        order = self._study_order(meta)
+        reports = _ReportReader(self.reports_zip, [p for p in (dicom_root, jpg_root) if p])
+        notes = [
+            f"{self.metadata.name}: {len(meta)} images; images from "
+            f"{'MIMIC-CXR DICOM' if self.image_mode == 'dicom' else 'MIMIC-CXR-JPG'}; labels "
+            f"{self.label_mode}"
+            + (f" ({self.label_file.name})" if self.label_file else "")
+            + f"; reports {reports.describe()}"
+        ]
+        result = ScanResult(items=[], notes=notes)
+        filtered = 0
+        mined = 0
+        sectioned_cache: dict[str, tuple] = {}
+        for row in meta.to_dict("records"):
+            dicom_id = row["dicom_id"].strip()
+            subject = row["subject_id"].strip()
+            study = row["study_id"].strip()
+            item_id = f"{self.pipeline.name}:{dicom_id}"
+            where = f"{self.metadata.name} row {dicom_id}"
+            view = str(row.get("ViewPosition", "")).strip().upper() or None
+            if self.views is not None and view not in self.views:
+                filtered += 1
+                continue
+            split = SPLIT_NAMES.get(splits.get(dicom_id, "").lower())
+            if split is None:
+                reason = (
+                    f"in no split of {self.split_file.name}"
+                    if dicom_id not in splits
+                    else f"unknown split {splits[dicom_id]!r}"
+                )
+                result.quarantine.append(QuarantineEntry(item_id, where, "scan", reason))
+                continue
+            folder = f"files/{_group(subject)}/p{subject}/s{study}"
+            image = self._image(jpg_root, dicom_root, folder, dicom_id)
+            if isinstance(image, str):
+                result.quarantine.append(QuarantineEntry(item_id, where, "scan", image))
+                continue
+            if study not in sectioned_cache:
+                sectioned_cache[study] = self._report(reports, subject, study)
+            sections, report_note = sectioned_cache[study]
+            labels, labels_from = self._labels(study, csv_labels, sections)
+            if isinstance(labels, QuarantineEntry):
+                result.quarantine.append(
+                    QuarantineEntry(item_id, where, labels.stage, labels.reason)
+                )
+                continue
+            mined += labels_from == "text"
+            extra: dict = {"labels_from": labels_from, "report": report_note}
+            if study in order:
+                extra["study_order"] = order[study]
+            for column, key in (
+                ("PerformedProcedureStepDescription", "procedure"),
+                ("ViewCodeSequence_CodeMeaning", "view_code"),
+                ("PatientOrientationCodeSequence_CodeMeaning", "patient_orientation"),
+            ):
+                value = str(row.get(column, "")).strip()
+                if value:
+                    extra[key] = value
+            if sections:
+                extra["report_sections"] = sorted(sections)
+            result.items.append(
+                RawItem(
+                    id=item_id,
+                    source=self.pipeline.name,
+                    split=split,
+                    image=image,
+                    labels=labels,
+                    patient_id=f"p{subject}",
+                    study_id=f"s{study}",
+                    view=view,
+                    modality="DX",
+                    sections=sections,
+                    extra=extra,
+                )
+            )
+        if filtered:
+            result.notes.append(f"--views {','.join(sorted(self.views or ()))}: {filtered} skipped")
+        if mined and self.label_mode != "text":
+            result.notes.append(f"{mined} images of studies absent from the label CSV: text labels")
+        return result
+
+    # -- pieces -----------------------------------------------------------------------------
+    def _check_layout(self) -> None:
+        missing = []
+        if self.metadata is None:
+            missing.append(f"{METADATA}(.gz) (MIMIC-CXR-JPG)")
+        if self.split_file is None:
+            missing.append(f"{SPLIT}(.gz) (MIMIC-CXR-JPG)")
+        if self.label_mode != "text" and self.label_file is None:
+            missing.append(f"{LABEL_FILES[self.label_mode]}(.gz) (MIMIC-CXR-JPG; or --labels text)")
+        if self.image_mode == "dicom" and self._dicom_root() is None:
+            missing.append(f"the MIMIC-CXR release ({RECORD_LIST}.gz or {REPORTS_ZIP}) for DICOM")
+        if missing:
+            raise UserError(
+                f"{self.root}: not a MIMIC-CXR(-JPG) release; missing " + "; ".join(missing)
+            )
+
+    def _dicom_root(self) -> Path | None:
+        for found in (self.record_list, self.reports_zip):
+            if found is not None:
+                return found.parent
+        return None
+
+    def _image(self, jpg_root: Path, dicom_root: Path | None, folder: str, dicom_id: str):
+        if self.image_mode == "jpg":
+            path = jpg_root / folder / f"{dicom_id}.jpg"
+            return (
+                ImageRef(str(path)) if path.is_file() else f"image missing: {folder}/{dicom_id}.jpg"
+            )
+        assert dicom_root is not None
+        for suffix in (".dcm", ".dcm.gz"):
+            path = dicom_root / folder / f"{dicom_id}{suffix}"
+            if path.is_file():
+                return ImageRef(str(path), format="dicom")
+        return f"image missing: {folder}/{dicom_id}.dcm (or .dcm.gz)"
+
+    def _report(self, reports: _ReportReader, subject: str, study: str):
+        member = f"files/{_group(subject)}/p{subject}/s{study}.txt"
+        text = reports.read(member)
+        if text is None:
+            return {}, "missing"
+        sectioned = section_report(text, f"s{study}", self.special_indices, self.special_names)
+        return sectioned.sections, sectioned.special_case or "sectioned"
+
+    def _labels(self, study: str, csv_labels: dict[str, dict[str, float]] | None, sections):
+        if csv_labels is not None and study in csv_labels:
+            return csv_labels[study], self.label_mode
+        if csv_labels is not None and self.missing_policy != "text":
+            return QuarantineEntry(
+                "", "", "labels", f"study s{study} absent from {self.label_file.name}"
+            ), ""
+        if not sections:
+            return QuarantineEntry(
+                "", "", "labels", f"study s{study}: no report text to mine labels from"
+            ), ""
+        text = conclusion_text(sections, self.text_sections)
+        # CheXpert on an empty conclusion (a report that states no findings): only No Finding.
+        labels = self.labeler().label(text) if text else {"No Finding": 1.0}
+        if csv_labels is not None:  # a fallback asserts only what the CSV would have
+            allowed = set(self.label_map.values())
+            labels = {k: v for k, v in labels.items() if k in allowed}
+        return labels, "text"
+
+    def labeler(self) -> TextLabeler:
+        if self._labeler is None:
+            model = self.pipeline.section("labels").get("text_model")
+            self._labeler = TextLabeler(self.vocab, model=model)
+        return self._labeler
+
+    def _read_labels(self) -> dict[str, dict[str, float]] | None:
+        if self.label_file is None:
+            return None
+        names = list(self.label_map)
+        table = read_csv_table(self.label_file, ("study_id", *names))
+        labels: dict[str, dict[str, float]] = {}
+        for row in table.to_dict("records"):
+            values: dict[str, float] = {}
+            for name in names:
+                raw = str(row[name]).strip()
+                if raw == "" or raw.lower() == "nan":
+                    continue
+                if raw not in LABEL_VALUES:
+                    raise UserError(
+                        f"{self.label_file}: study {row['study_id']} has {name}={raw!r}; "
+                        "expected 1.0, 0.0, -1.0 or blank"
+                    )
+                values[self.label_map[name]] = LABEL_VALUES[raw]
+            labels[str(row["study_id"]).strip()] = values
+        return labels
+
+    @staticmethod
+    def _study_order(meta) -> dict[str, int]:
+        """Each study's rank among its patient's studies by StudyDate + StudyTime."""
+        if "StudyDate" not in meta.columns:
+            return {}
+        keys: dict[str, dict[str, tuple]] = {}
+        for row in meta.to_dict("records"):
+            study = row["study_id"].strip()
+            key = (*_study_key(row["StudyDate"], row.get("StudyTime", "")), study)
+            patient = keys.setdefault(row["subject_id"].strip(), {})
+            patient[study] = min(patient.get(study, key), key)
+        order = {}
+        for studies in keys.values():
+            for rank, study in enumerate(sorted(studies, key=studies.__getitem__)):
+                order[study] = rank
+        return order
+
+
+def conclusion_text(sections: dict[str, str], order: tuple[str, ...] = ()) -> str:
+    """The text labels are mined from: the conclusion (as the official CSVs were made)."""
+    from ..sections import Sectioned
+
+    return conclusion(Sectioned(sections=sections), order)[0]
+
+
+class _ReportReader:
+    """Reports from `files/.../sSTUDY.txt` on disk, else from `mimic-cxr-reports.zip`."""
+
+    def __init__(self, zip_path: Path | None, roots: list[Path]):
+        self.roots = list(dict.fromkeys(roots))
+        self.zip_path = zip_path
+        self._zip: zipfile.ZipFile | None = None
+        self._members: dict[str, str] = {}
+        if zip_path is not None:
+            try:
+                self._zip = zipfile.ZipFile(zip_path)
+            except (zipfile.BadZipFile, OSError) as err:
+                raise UserError(f"{zip_path}: not a readable zip ({err})") from err
+            for name in self._zip.namelist():
+                index = name.find("files/")
+                if index >= 0 and name.endswith(".txt"):
+                    self._members[name[index:]] = name
+
+    def describe(self) -> str:
+        parts = []
+        if self._members:
+            parts.append(f"{self.zip_path.name} ({len(self._members)} reports)")
+        parts.append("files/*.txt")
+        return " and ".join(parts)
+
+    def read(self, member: str) -> str | None:
+        for root in self.roots:
+            path = root / member
+            if path.is_file():
+                return _decode(path.read_bytes())
+        if self._zip is not None and member in self._members:
+            return _decode(self._zip.read(self._members[member]))
+        return None
+
+
+def _decode(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
