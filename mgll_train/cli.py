@@ -34,6 +34,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--checkpoint", type=Path, required=True, help="a .pt checkpoint")
     export.add_argument("--out", type=Path, required=True, help="output folder")
+    # --- eval (issue 5) ---
+    from .evaluate import add_eval_arguments
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint: zero-shot, linear probe, label-aware retrieval",
+        description="Evaluate CKPT on a dataset split; write DIR/metrics.json, table.txt and "
+        "PNG plots, and print the table.",
+    )
+    add_eval_arguments(evaluate)
+    # --- end eval ---
     return parser
 
 
@@ -55,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             out = export_checkpoint(args.checkpoint, args.out)
             print(f"exported {args.checkpoint} to {out} (open_clip: 'local-dir:{out}')")
+        elif args.command == "eval":  # issue 5
+            from .evaluate import run_eval
+
+            run_eval(args)
     except (FileNotFoundError, ValueError) as err:
         print(f"mgll-train: error: {err}", file=sys.stderr)
         sys.exit(2)
