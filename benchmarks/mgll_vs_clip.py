@@ -35,6 +35,16 @@ CONFIGS = {  # name -> extra fit flags
     "mgll 1,0,0": ["--loss", "mgll", "--loss-weights", "1,0,0"],
     "mgll 1,1,0": ["--loss", "mgll", "--loss-weights", "1,1,0"],
     "mgll 1,0,1": ["--loss", "mgll", "--loss-weights", "1,0,1"],
+    # The point-wise term's share: a tenth of its weight, and graded (soft) point-wise targets.
+    "mgll 1,0.1,1": ["--loss", "mgll", "--loss-weights", "1,0.1,1"],
+    "mgll 1,0.1,1 graded": [
+        "--loss",
+        "mgll",
+        "--loss-weights",
+        "1,0.1,1",
+        "--pointwise-target",
+        "graded",
+    ],
 }
 
 
@@ -128,6 +138,9 @@ def main() -> None:
     parser.add_argument(
         "--configs", default=";".join(CONFIGS), help="subset of configs, ';'-separated"
     )
+    parser.add_argument(
+        "--all-seeds", action="store_true", help="run every chosen config with --seeds"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -143,7 +156,9 @@ def main() -> None:
     )
     wanted = [c for c in CONFIGS if c in args.configs.split(";")]
     plan = [
-        (c, s) for c in wanted for s in (seeds if c in ("clip", "mgll 1,1,1") else ablation_seeds)
+        (c, s)
+        for c in wanted
+        for s in (seeds if c in ("clip", "mgll 1,1,1") or args.all_seeds else ablation_seeds)
     ]
     tag = f"steps{args.steps}-b{args.batch_size}-lr{args.lr}-{args.granularities}"
     for config, seed in plan:

@@ -77,9 +77,10 @@ TextSampling = Literal["truncate", "sentences"]
 
 
 def _parquet_files_in(directory: Path) -> list[Path]:
-    """The Parquet files of a build directory (``data/*.parquet``) or of a plain folder."""
+    """The Parquet files of a build directory (``data/*.parquet``; ``data/<source>/*.parquet``
+    in a merged dataset) or of a plain folder."""
     data = directory / "data"
-    files = sorted(data.glob("*.parquet")) if data.is_dir() else []
+    files = sorted(data.rglob("*.parquet")) if data.is_dir() else []
     if not files:
         files = sorted(directory.glob("*.parquet"))
     if not files:

@@ -70,6 +70,9 @@ def test_merge_gives_a_config_per_source_and_a_default_of_all(two, work):
     from mgll_data.inspect import validate_dataset
 
     assert validate_dataset(merged) == []
+    from mgll_train.data import resolve_data
+
+    assert sorted(resolve_data(str(merged))) == sorted((merged / "data").rglob("*.parquet"))
     shard = next((merged / "data" / "nih_b").glob("*.parquet"))
     shard.write_bytes(b"PAR1 not really")
     assert any("nih_b" in p and "not a readable Parquet" in p for p in validate_dataset(merged))

@@ -9,11 +9,25 @@ from ..pipeline import Pipeline
 from ..vocab import Vocabulary
 from .base import ScanResult, Source
 from .chestxray14 import ChestXray14Source
+from .fundus import (
+    AptosSource,
+    EyepacsSource,
+    IdridSource,
+    Messidor2Source,
+    OdirSource,
+    RfmidSource,
+)
 from .mimic_cxr import MimicCxrSource
 
 SOURCES: dict[str, type[Source]] = {
     "chestxray14": ChestXray14Source,
     "mimic_cxr": MimicCxrSource,
+    "odir": OdirSource,
+    "rfmid": RfmidSource,
+    "aptos": AptosSource,
+    "eyepacs": EyepacsSource,
+    "idrid": IdridSource,
+    "messidor2": Messidor2Source,
 }
 
 
