@@ -36,7 +36,7 @@ import pandas as pd
 from ..errors import UserError
 from ..items import ImageRef, QuarantineEntry, RawItem
 from .base import ScanResult, Source
-from .tables import read_csv_table
+from .tables import read_csv_table, require_columns
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 GRADE_LABELS = (
@@ -276,14 +276,7 @@ class OdirSource(FundusSource):
             table = sheets.parse(sheet, dtype=str, keep_default_na=False)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, InvalidFileException) as err:
             raise UserError(f"{path}: not a readable .xlsx workbook ({err})") from err
-        table.columns = [str(c).strip() for c in table.columns]
-        missing = [c for c in ODIR_COLUMNS if c not in table.columns]
-        if missing:
-            raise UserError(
-                f"{path}: missing column(s) {missing}; expected {list(ODIR_COLUMNS)}, "
-                f"found {list(table.columns)[:16]}"
-            )
-        return table
+        return require_columns(table, path, ODIR_COLUMNS)
 
     def _eye(self, result, row, side, filename, images, table_name, unknown) -> None:
         stem = os.path.splitext(filename)[0]

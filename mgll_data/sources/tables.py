@@ -34,12 +34,17 @@ def read_csv_table(path: Path, required: Sequence[str]) -> pd.DataFrame:
             raise UserError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from err
     else:
         raise UserError(f"{path}: cannot decode as UTF-8 or Latin-1 ({last_error})")
+    return require_columns(table, path, required)
+
+
+def require_columns(table: pd.DataFrame, path: Path, required: Sequence[str]) -> pd.DataFrame:
+    """Strip the column names (and a BOM); a one-line UserError naming any missing column."""
     table.columns = [str(c).strip().lstrip("\ufeff") for c in table.columns]
     missing = [c for c in required if c not in table.columns]
     if missing:
         raise UserError(
             f"{path}: missing column(s) {missing}; expected at least {list(required)}, "
-            f"found {list(table.columns)[:12]}"
+            f"found {list(table.columns)[:16]}"
         )
     return table
 
