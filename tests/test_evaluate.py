@@ -202,6 +202,20 @@ def test_eval_end_to_end_is_reproducible(checkpoint, tmp_path):
     assert (outs[0] / "table.txt").read_text().startswith("evaluation of")
 
 
+def test_finetune_runs_end_to_end(checkpoint, tmp_path):
+    ckpt, data = checkpoint
+    result = _run(
+        ["eval", "--checkpoint", str(ckpt), "--data", str(data), "--split", "test",
+         "--out", str(tmp_path / "ft"), "--workers", "0", "--tasks", "linear-probe",
+         "--finetune", "--probe-epochs", "1"]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    probe = json.loads((tmp_path / "ft" / "metrics.json").read_text())["linear_probe"]
+    assert probe["mode"] == "finetune"
+    for subset in ("1%", "10%", "100%"):
+        assert 0 <= probe[subset]["macro_auroc"] <= 1
+
+
 def test_eval_rejects_unknown_task(checkpoint, tmp_path, capsys):
     from mgll_train.cli import main
 
