@@ -33,6 +33,8 @@ _TEXT_KINDS = {
     "labels": "label-only: all three texts are derived from the release's labels and the "
     "vocabulary, so they add little beyond the labels themselves",
     "report": "report-based: the description and explanation come from the radiology report",
+    "dicom": "DICOM-derived: the description is the study description and the explanation is "
+    "composed from the series description, view, modality and body part in the DICOM header",
 }
 
 

@@ -42,21 +42,24 @@ def _labels(**values: float) -> list[float]:
 def test_vocabulary_is_the_union_of_chexpert_and_nih():
     assert VOCAB.names[:14] == CHEXPERT
     nih = load_pipeline("chestxray14").raw["labels"]["map"].values()
-    assert set(nih) <= set(VOCAB.names) and len(VOCAB) == 21
+    assert set(nih) <= set(VOCAB.names[:21]) and len(VOCAB) == 29
+    # 1.1.0 appended the MIDRC labels after the 21, so the original positions never move.
+    assert VOCAB.names[20] == "Pleural Thickening" and VOCAB.names[21] == "COVID-19"
+    reader_classes = VOCAB.names[22:]  # RICORD reader classes/grades: asserted, never text-mined
     assert VOCAB.ancestors("Cardiomegaly") == ["Enlarged Cardiomediastinum"]
     assert VOCAB.ancestors("Nodule") == ["Lung Lesion", "Lung Opacity"]
     for label in VOCAB.labels:
         assert label.explanation and label.positive_prompts and label.negative_prompts
-        assert label.mentions or label.name == "No Finding"
+        assert label.mentions or label.name in ("No Finding", *reader_classes)
 
 
 def test_schema_derivations_agree():
     schema = record_schema(len(VOCAB))
     features = schema.features()
     assert isinstance(features["image"], Image)
-    assert features["labels"].length == 21 and features["width"] == Value("int32")
+    assert features["labels"].length == 29 and features["width"] == Value("int32")
     arrow = schema.arrow_schema({"label_names": VOCAB.names})
-    assert arrow.field("labels").type == pa.list_(pa.float32(), 21)
+    assert arrow.field("labels").type == pa.list_(pa.float32(), 29)
     assert not arrow.field("id").nullable and arrow.field("view").nullable
     assert b"huggingface" in arrow.metadata and b"mgll" in arrow.metadata
     assert [f["name"] for f in schema.card_features()] == schema.names
@@ -119,7 +122,7 @@ def test_category_formatter():
     )
     assert format_category(_labels(Edema=0.0), VOCAB) == "No Finding"
     assert format_category(_labels(No_Finding=1.0), VOCAB) == "No Finding"
-    assert format_category([NAN] * 21, VOCAB) == "No Finding"
+    assert format_category([NAN] * len(VOCAB), VOCAB) == "No Finding"
 
 
 TEMPLATE = {

@@ -17,11 +17,14 @@ from .fundus import (
     OdirSource,
     RfmidSource,
 )
+from .midrc import MidrcCommonsSource, MidrcRicordSource
 from .mimic_cxr import MimicCxrSource
 
 SOURCES: dict[str, type[Source]] = {
     "chestxray14": ChestXray14Source,
     "mimic_cxr": MimicCxrSource,
+    "midrc_ricord": MidrcRicordSource,
+    "midrc_commons": MidrcCommonsSource,
     "odir": OdirSource,
     "rfmid": RfmidSource,
     "aptos": AptosSource,
