@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -332,6 +335,20 @@ def test_four_builds_merge_load_and_validate(built, tmp_path):
     assert header["mgll"]["domain"] == "fundus"
     per_source = datasets.load_dataset(str(out), "rfmid")
     assert set(per_source) == {"train", "validation", "test"}
+
+    # The merged corpus trains: a smoke run of the tiny model on the CPU.
+    train_rows = sum(1 for split in merged for s in merged[split]["split"] if s == "train")
+    batch = min(4, train_rows)
+    run = subprocess.run(
+        [sys.executable, "-m", "mgll_train", "fit", "--train-data", str(out), "--model",
+         "mgll-tiny", "--batch-size", str(batch), "--max-steps", "2", "--workers", "0",
+         "--device", "cpu", "--logs", str(tmp_path / "logs"), "--name", "smoke",
+         "--log-every-n-steps", "1"],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    metrics = (tmp_path / "logs" / "smoke" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 2 and all(math.isfinite(json.loads(m)["train"]["loss"]) for m in metrics)
 
 
 # --- IDRiD and Messidor-2 (optional sources) -----------------------------------------------
