@@ -20,9 +20,9 @@ co-occur as in real data and are imbalanced (about 45 % `No Finding`).
 
 The release is written in the ChestX-ray14 layout (so the normal `chestxray14` pipeline builds
 it, with patient-disjoint splits) plus ``reports.jsonl`` (image name → description and
-explanation). After the build, the two finer texts of every shard are replaced by the reports
-(``text_origin`` ``learnable_report``); the schema, the `mgll` metadata and the manifest's
-hashes stay consistent, so `mgll-build-dataset validate` accepts the result.
+explanation). The `learnable` pipeline builds it with the normal engine: its source is the
+ChestX-ray14 reader plus the reports, which become the description and explanation
+(``text_origin`` ``learnable_report``).
 """
 
 from __future__ import annotations
@@ -34,12 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from .demo import DATA_ENTRY_HEADER, _is_test_patient
-from .writer import write_json
 
 FINDINGS = (
     "Atelectasis",
@@ -272,59 +269,8 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def apply_reports(out: Path, reports_file: Path) -> int:
-    """Replace text_description/text_explanation of the built shards by the reports.
-
-    Rows are matched by image name (the id's native part without extension); the schema (with
-    its `mgll` metadata) and the row groups are kept; the manifest's shard hashes are updated.
-    Returns the number of rows changed.
-    """
-    reports = {}
-    for line in reports_file.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        reports[Path(r["image"]).stem] = r
-    changed = 0
-    manifest_path = out / "_build" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-    hashes = {}
-    for path in sorted((out / "data").glob("*.parquet")):
-        parquet = pq.ParquetFile(path)
-        schema = parquet.schema_arrow
-        tmp = path.with_name(path.name + ".tmp")
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for g in range(parquet.num_row_groups):
-                table = parquet.read_row_group(g)
-                ids = table["id"].to_pylist()
-                desc = table["text_description"].to_pylist()
-                expl = table["text_explanation"].to_pylist()
-                origin = table["text_origin"].to_pylist()
-                for i, rid in enumerate(ids):
-                    key = Path(rid.split(":", 1)[-1]).stem
-                    if key in reports:
-                        desc[i] = reports[key]["description"]
-                        expl[i] = reports[key]["explanation"]
-                        origin[i] = [origin[i][0], "learnable_report", "learnable_report"]
-                        changed += 1
-                for name, values in (("text_description", desc), ("text_explanation", expl),
-                                     ("text_origin", origin)):  # fmt: skip
-                    j = schema.get_field_index(name)
-                    table = table.set_column(
-                        j, schema.field(j), pa.array(values, schema.field(j).type)
-                    )
-                writer.write_table(table)
-        tmp.replace(path)
-        hashes[f"data/{path.name}"] = _sha256(path)
-    if manifest is not None:
-        for shard in manifest.get("shards", []):
-            if shard["path"] in hashes:
-                shard["sha256"] = hashes[shard["path"]]
-        manifest["learnable_reports"] = True
-        write_json(manifest_path, manifest)
-    return changed
-
-
 def build_learnable(out: Path, n: int, seed: int, options: Any) -> Any:
-    """Write the release under ``out/_raw``, build it with the chestxray14 pipeline, add reports."""
+    """Write the release under ``out/_raw`` and build it with the `learnable` pipeline."""
     import shutil
 
     from .engine import build
@@ -333,6 +279,4 @@ def build_learnable(out: Path, n: int, seed: int, options: Any) -> Any:
     root = out / "_raw"
     shutil.rmtree(root, ignore_errors=True)
     write_learnable_release(root, n=n, seed=seed)
-    summary = build(load_pipeline("chestxray14"), root, out, options)
-    apply_reports(out, root / "reports.jsonl")
-    return summary
+    return build(load_pipeline("learnable"), root, out, options)

@@ -74,7 +74,7 @@ def test_learnable_demo_is_a_valid_dataset_with_report_texts(learnable):
     abnormal = [r for r in rows if r["positive_labels"] != ["No Finding"]]
     assert abnormal and {r["split"] for r in rows} <= {"train", "validation", "test"}
     for r in abnormal:
-        assert r["text_origin"][1:] == ["learnable_report", "learnable_report"]
+        assert r["text_origin"][1:] == ["learnable_report", "learnable_findings"]
         words = ("left", "right", "bilateral", "mild", "moderate", "severe", "small", "large")
         assert any(w in r["text_description"].lower() for w in words)
         assert r["text_category"] != r["text_description"]

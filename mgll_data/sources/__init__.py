@@ -17,12 +17,14 @@ from .fundus import (
     OdirSource,
     RfmidSource,
 )
+from .learnable import LearnableSource
 from .midrc import MidrcCommonsSource, MidrcRicordSource
 from .mimic_cxr import MimicCxrSource
 
 SOURCES: dict[str, type[Source]] = {
     "chestxray14": ChestXray14Source,
     "mimic_cxr": MimicCxrSource,
+    "learnable": LearnableSource,
     "midrc_ricord": MidrcRicordSource,
     "midrc_commons": MidrcCommonsSource,
     "odir": OdirSource,
