@@ -27,6 +27,7 @@ from __future__ import annotations
 import gzip
 import io
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -201,14 +202,32 @@ def dataset_to_image(ds: Dataset, voi: str = "auto") -> tuple[Image.Image, dict[
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ItemError("image", f"unsupported photometric interpretation {photometric!r}")
     arr = _clean_unused_bits(arr, ds)
-    values = apply_modality_lut(arr, ds)
-    grey, branch = _apply_voi(values, ds, voi)
     shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
     inverted = photometric == "MONOCHROME1" or shape == "INVERSE"
+    step = max(1, min(arr.shape) // _PERCENTILE_SAMPLE)
+    if np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize <= 2:
+        # Every step is a function of the stored value alone: run it once per possible value
+        # (at most 65,536) and look the image up, instead of float math on every pixel.
+        low = int(np.iinfo(arr.dtype).min)
+        index = arr.astype(np.int32) - low if low else arr
+        domain = np.arange(low, int(np.iinfo(arr.dtype).max) + 1, dtype=np.int64)
+        values = apply_modality_lut(domain, ds)
+        sample = apply_modality_lut(arr[::step, ::step], ds)
+
+        def present() -> np.ndarray:  # the values that occur in the image
+            return values[np.bincount(index.ravel(), minlength=len(domain)) > 0]
+
+        grey, branch = _apply_voi(values, ds, voi, sample, present)
+    else:
+        values = apply_modality_lut(arr, ds)
+        grey, branch = _apply_voi(values, ds, voi, values[::step, ::step], lambda: values)
+        index = None
     if inverted:
         grey = 1.0 - grey  # once, whichever of the two says so
     conversion.update(voi=branch, inverted=inverted)
     out = np.rint(np.clip(grey, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if index is not None:
+        out = out[index]  # the table, applied to the image
     return Image.fromarray(out, mode="L"), conversion
 
 
@@ -232,8 +251,19 @@ def window(values: np.ndarray, center: float, width: float, function: str = "LIN
     return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
-def _apply_voi(values: np.ndarray, ds: Dataset, voi: str) -> tuple[np.ndarray, str]:
-    """VOI step onto [0, 1] floats, and the name of the branch that ran."""
+def _apply_voi(
+    values: np.ndarray,
+    ds: Dataset,
+    voi: str,
+    sample: np.ndarray,
+    present: Callable[[], np.ndarray],
+) -> tuple[np.ndarray, str]:
+    """VOI step onto [0, 1] floats, and the name of the branch that ran.
+
+    `sample` (a strided view of the image's modality values) and `present()` (the values that
+    occur in the image, computed only if needed) feed the percentile fallback; `values` may be
+    the image or a table over every possible stored value.
+    """
     if voi != "percentile":
         lut = _voi_lut_item(ds)
         if lut is not None and voi == "auto":
@@ -248,7 +278,7 @@ def _apply_voi(values: np.ndarray, ds: Dataset, voi: str) -> tuple[np.ndarray, s
                 return out, f"window_{function.lower()}"
         if lut is not None:
             return _apply_voi_lut(values, ds), "voi_lut"
-    return _percentile_range(values), "percentile"
+    return _percentile_range(values, sample, present), "percentile"
 
 
 def _voi_lut_item(ds: Dataset) -> Dataset | None:
@@ -282,13 +312,15 @@ def _apply_voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray:
     return (mapped - low) / (high - low)
 
 
-def _percentile_range(values: np.ndarray) -> np.ndarray:
-    """Linear map of the robust range onto [0, 1] (min-max when the percentiles coincide)."""
-    step = max(1, min(values.shape) // _PERCENTILE_SAMPLE)
-    sample = values[::step, ::step].astype(np.float64, copy=False)
-    low, high = (float(v) for v in np.percentile(sample, _PERCENTILES))
+def _percentile_range(
+    values: np.ndarray, sample: np.ndarray, present: Callable[[], np.ndarray]
+) -> np.ndarray:
+    """Linear map of the image's robust range onto [0, 1] (min-max when the percentiles
+    coincide); the range comes from `sample` (or `present()`), the map applies to `values`."""
+    low, high = (float(v) for v in np.percentile(sample.astype(np.float64), _PERCENTILES))
     if high <= low:
-        low, high = float(values.min()), float(values.max())
+        occurring = present()
+        low, high = float(occurring.min()), float(occurring.max())
     if high <= low:
         return np.zeros(values.shape, np.float64)
     return np.clip((values.astype(np.float64) - low) / (high - low), 0.0, 1.0)

@@ -284,6 +284,14 @@ def test_without_window_a_hot_pixel_does_not_wash_out_the_image():
     assert np.all(np.diff(ramp.astype(int)) >= 0)
 
 
+def test_without_window_a_flat_image_falls_back_to_min_max():
+    pixels = np.full((40, 64), 1000, np.uint16)
+    pixels[3, 3:6] = 3000  # too few to move the percentiles: the range is the image's min-max
+    out, extra = _pixels(to_bytes(make_dx(pixels)))
+    assert extra["conversion"]["voi"] == "percentile"
+    assert out[3, 4] == 255 and out[20, 20] == 0
+
+
 def test_unused_high_bits_are_masked():
     pixels = chest()
     clean, _ = _pixels(to_bytes(make_dx(pixels, WindowCenter=2000, WindowWidth=4000)))
