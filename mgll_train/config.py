@@ -55,6 +55,12 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     # --- end evaluation during training ---
     data.add_argument(
+        "--streaming",
+        action="store_true",
+        help="stream row groups (split over processes and workers) instead of random access; "
+        "resumes at the next row group",
+    )
+    data.add_argument(
         "--shuffle-window",
         type=int,
         default=0,

@@ -269,6 +269,11 @@ def _split_rows(file: Path, split: str | None) -> np.ndarray:
     return np.stack([groups, flat - starts[groups]], axis=1).astype(np.int64)
 
 
+def split_row_count(files: Sequence[Path | str], split: str | None) -> int:
+    """How many rows of `files` are in `split` (read from the `split` column alone)."""
+    return sum(len(_split_rows(Path(f), split)) for f in files)
+
+
 def _weighted_positions(n: int, factor: float, seed: int, source: int) -> np.ndarray:
     """Positions ``0..n-1`` repeated ``floor(factor)`` times plus a seeded fractional sample."""
     whole = int(math.floor(factor))
@@ -700,6 +705,7 @@ class StreamingRecords(IterableDataset):
         self.transform, self.split, self.seed, self.shuffle = transform, split, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start_unit = 0, 0
+        self.cycle = False  # repeat this worker's row groups until the trainer stops reading
 
     @property
     def label_names(self) -> list[str]:
@@ -716,10 +722,14 @@ class StreamingRecords(IterableDataset):
             return np.arange(len(self.units))
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.units))
 
-    def positions_for(self, rank: int, world_size: int, worker: int, num_workers: int) -> range:
-        """Positions in :meth:`order` read by one (rank, worker)."""
+    def positions_for(
+        self, rank: int, world_size: int, worker: int, num_workers: int, start: int | None = None
+    ) -> range:
+        """Positions in :meth:`order` read by one (rank, worker), from ``start`` (default:
+        :attr:`start_unit`)."""
+        start = self.start_unit if start is None else start
         w, total = rank * num_workers + worker, world_size * num_workers
-        first = self.start_unit + (w - self.start_unit) % total
+        first = start + (w - start) % total
         return range(first, len(self.units), total)
 
     def _placement(self) -> tuple[int, int, int, int]:
@@ -733,11 +743,23 @@ class StreamingRecords(IterableDataset):
         return rank, world, info.id if info else 0, info.num_workers if info else 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """This worker's rows; with ``cycle`` its row groups repeat (new row order each pass),
+        so every rank can serve the same number of steps per epoch."""
         order = self.order()
-        for position in self.positions_for(*self._placement()):
+        placement = self._placement()
+        passes = 0
+        while True:
+            yielded = yield from self._one_pass(order, placement, passes)
+            passes += 1
+            if not self.cycle or not yielded:
+                return
+
+    def _one_pass(self, order: np.ndarray, placement: tuple[int, int, int, int], passes: int):
+        yielded = 0
+        for position in self.positions_for(*placement, start=self.start_unit if passes == 0 else 0):
             file, group = self.units[order[position]]
             table = self.records.read_row_group(file, group)
-            rng = np.random.default_rng([self.seed, self.epoch, position])
+            rng = np.random.default_rng([self.seed, self.epoch, position, passes])
             rows = rng.permutation(table.num_rows) if self.shuffle else range(table.num_rows)
             for row in rows:
                 record = table.slice(int(row), 1).to_pylist()[0]
@@ -747,7 +769,9 @@ class StreamingRecords(IterableDataset):
                 labels, annotated = self.records.aligned_labels(record)
                 sample = self.transform(record, labels, annotated, rng)
                 sample["unit"] = position
+                yielded += 1
                 yield sample
+        return yielded
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -824,5 +848,6 @@ __all__ = [
     "parse_sources",
     "read_mgll_metadata",
     "resolve_data",
+    "split_row_count",
     "split_sentences",
 ]

@@ -20,7 +20,6 @@ from open_clip_train.distributed import init_distributed_device_so
 from open_clip_train.precision import get_autocast
 from open_clip_train.scheduler import cosine_lr
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from .checkpoint import (
     load_checkpoint,
@@ -31,10 +30,10 @@ from .checkpoint import (
     unwrap,
 )
 from .config import resolved_config
-from .data import MgllDataset, SampleTransform, TruncationStats, collate, make_dataset
+from .data import MgllDataset, SampleTransform, TruncationStats
+from .feed import make_feed
 from .loss import MGLLLoss
 from .model import DEFAULT_LOGIT_BIAS, clamp_logit_scale, create_model
-from .sampler import GlobalBatchSampler
 
 log = logging.getLogger("mgll_train")
 
@@ -160,22 +159,7 @@ def fit(args: argparse.Namespace) -> Path:
         text_sampling=args.text_sampling,
         augment=args.augment,
     )
-    dataset = make_dataset(
-        args.train_data,
-        transform,
-        split=args.train_split,
-        upsampling_factors=args.train_data_upsampling_factors,
-        seed=args.seed,
-    )
-    sampler = GlobalBatchSampler(
-        len(dataset),
-        args.batch_size * args.accum_freq,  # one optimizer step takes accum_freq micro-batches
-        world_size,
-        rank,
-        args.seed,
-        row_groups=dataset.records.row_groups(),
-        window=args.shuffle_window,
-    )
+    feed = make_feed(args, transform, rank, world_size)
     model: torch.nn.Module = FeatureModel(bundle.model, normalize=args.loss != "mgll-official")
     if world_size > 1:
         model = DistributedDataParallel(
@@ -185,7 +169,7 @@ def fit(args: argparse.Namespace) -> Path:
         _param_groups(model, args.wd), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps
     )
     scaler = torch.amp.GradScaler(device.type) if args.precision == "amp" else None
-    steps_per_epoch = sampler.batches_per_epoch
+    steps_per_epoch = feed.steps_per_epoch
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
@@ -201,7 +185,7 @@ def fit(args: argparse.Namespace) -> Path:
         local_loss=args.local_loss,
     )
 
-    start_epoch, start_batch, step = 0, 0, 0
+    start_epoch, start_batch, start_unit, step = 0, 0, 0, 0
     if args.resume:
         path = resolve_resume(args.resume, run.checkpoints)
         state = load_checkpoint(path)
@@ -210,6 +194,7 @@ def fit(args: argparse.Namespace) -> Path:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
+        start_unit = state.get("unit", 0)
         set_rng_state(state["rng"])
         log.info(
             "resumed from %s at epoch %d, batch %d (step %d)", path, start_epoch, start_batch, step
@@ -219,18 +204,20 @@ def fit(args: argparse.Namespace) -> Path:
         (run.root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
         (run.root / "params.txt").write_text("".join(f"{k}: {v}\n" for k, v in config.items()))
         log.info(
-            "training %s on %d rows (%d steps/epoch, %d process(es)), loss %s",
+            "training %s on %d rows (%d steps/epoch, %d process(es)%s), loss %s",
             args.model,
-            len(dataset),
+            feed.rows,
             steps_per_epoch,
             world_size,
+            ", streaming" if feed.streaming else "",
             args.loss,
         )
 
-    def state_at(epoch: int, batch: int) -> dict[str, Any]:
+    def state_at(epoch: int, batch: int, unit: int = 0) -> dict[str, Any]:
         return {
             "epoch": epoch,
             "batch": batch,
+            "unit": unit,  # streaming: the first row group not yet read (row-group resume)
             "step": step,
             "name": name,
             "model_name": args.model,
@@ -238,7 +225,7 @@ def fit(args: argparse.Namespace) -> Path:
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "config": config,
-            "label_names": dataset.label_names,
+            "label_names": feed.label_names,
             "train_data": args.train_data,
             "rng": rng_state(),
         }
@@ -248,16 +235,12 @@ def fit(args: argparse.Namespace) -> Path:
     autocast = get_autocast(args.precision, device_type=device.type)
     truncation = TruncationStats(args.granularities)
     for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
-        dataset.set_epoch(epoch)
-        loader = DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=args.workers,
-            collate_fn=collate,
-            pin_memory=device.type == "cuda",
+        resuming = epoch == start_epoch
+        batch_index = first_batch = start_batch if resuming else 0
+        next_unit = start_unit if resuming else 0
+        loader = feed.batches(
+            epoch, first_batch, next_unit, args.workers, pin_memory=device.type == "cuda"
         )
-        batch_index = sampler.start_batch
         started = time.time()
         for batch in loader:
             if step >= total_steps:
@@ -276,6 +259,8 @@ def fit(args: argparse.Namespace) -> Path:
             )
             step += 1
             batch_index += 1
+            if "units" in batch:
+                next_unit = max(next_unit, int(batch["units"].max()) + 1)
             truncation.update(batch)
             if is_master and (step % args.log_every_n_steps == 0 or step == 1):
                 _log_step(
@@ -289,14 +274,14 @@ def fit(args: argparse.Namespace) -> Path:
                     batch_index,
                     args.batch_size
                     * world_size
-                    * (batch_index - sampler.start_batch)
+                    * (batch_index - first_batch)
                     / max(time.time() - started, 1e-9),
                 )
             at_step_save = args.save_every_n_steps and step % args.save_every_n_steps == 0
             if is_master and (at_step_save or stop.requested):
                 save_checkpoint(
                     run.checkpoints / f"step_{step}.pt",
-                    state_at(epoch, batch_index),
+                    state_at(epoch, batch_index, next_unit),
                     latest=run.checkpoints / "epoch_latest.pt",
                 )
             if stop.requested:
@@ -319,7 +304,7 @@ def fit(args: argparse.Namespace) -> Path:
             if is_master and not finished:  # --max-steps ended the run inside an epoch
                 save_checkpoint(
                     run.checkpoints / f"step_{step}.pt",
-                    state_at(epoch, batch_index),
+                    state_at(epoch, batch_index, next_unit),
                     latest=run.checkpoints / "epoch_latest.pt",
                 )
             break

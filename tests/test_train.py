@@ -226,3 +226,43 @@ def test_export_loads_in_plain_open_clip(dataset, tmp_path):
     assert "--train-data" in (out / "README.md").read_text()
     missing = _run(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(out)])
     assert missing.returncode == 2 and "checkpoint not found" in missing.stderr
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    """A dataset of many small shards, so there are row groups to stream over."""
+    root = tmp_path_factory.mktemp("sharded")
+    raw = write_demo_release(root / "raw", n=60, seed=6, image_size=96)
+    options = BuildOptions(image_size=64, rows_per_shard=6, progress=False)
+    build(load_pipeline("chestxray14"), raw, root / "ds", options)
+    return root / "ds"
+
+
+def test_streaming_fit_resumes_at_the_next_row_group(sharded, tmp_path):
+    args = _fit_args(sharded, tmp_path, "stream", "--streaming", "--epochs", "1",
+                     "--save-every-n-steps", "2")  # fmt: skip
+    first = _run([*args, "--max-steps", "4"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    state = torch.load(tmp_path / "stream" / "checkpoints" / "epoch_latest.pt",
+                       weights_only=False)  # fmt: skip
+    assert state["step"] == 4 and state["batch"] == 4 and state["unit"] > 0
+    assert "streaming" in (tmp_path / "stream" / "out.log").read_text()
+    more = _run([*args, "--max-steps", "6", "--resume", "latest"])
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert [m["step"] for m in _metrics(tmp_path / "stream")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_streaming_under_torchrun_gives_every_rank_the_same_steps(sharded, tmp_path):
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "mgll_train", "--",
+         *_fit_args(sharded, tmp_path, "sddp", "--streaming", "--workers", "0", "--epochs", "1",
+                    "--gather-with-grad")],
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    metrics = _metrics(tmp_path / "sddp")
+    log = (tmp_path / "sddp" / "out.log").read_text()
+    steps = int(log.split(" steps/epoch")[0].rsplit("(", 1)[1])
+    assert len(metrics) == steps > 0 and "2 process(es), streaming" in log
