@@ -1,14 +1,28 @@
-"""Report labeler quality and speed on the hand-labelled dev set, beside a keyword baseline.
+"""Report labeler quality and speed on the hand-labelled dev sets, beside two baselines.
 
-The dev set (`tests/data/labeler_dev.jsonl`) holds short report snippets written for this project
-in the style of chest X-ray reports, each with its expected labels (1 / 0 / -1; a label not
-listed is "not mentioned"). Scoring is per label over CheXpert's 14: a prediction counts as a
-true positive when it is set and equals the expected value; a set but wrong value is a false
-positive; an expected value not matched is a false negative. The baseline is a plain keyword
-matcher: any vocabulary mention present -> 1, no negation or uncertainty (and No Finding by the
-same CheXpert rule). Both run in the same process, on the same texts.
+Dev sets, written for this project in the style of chest X-ray reports (never copied from a
+dataset), each row `{"text", "labels"}` with CheXpert values 1 / 0 / -1 per label; a label not
+listed is "not mentioned":
+- `tests/data/labeler_dev.jsonl`: report sentences and short snippets;
+- `tests/data/labeler_dev_reports.jsonl`: whole reports (FINDINGS + IMPRESSION), labelled over
+  the whole text with CheXpert's aggregation (1 > -1 > 0).
+`No Finding` follows CheXpert's rule (1 iff no label but Support Devices is 1 or -1).
 
-Usage: python benchmarks/labeler_dev.py [--repeat 20]
+Scoring is per label over CheXpert's 14: a prediction counts as a true positive when it is set
+and equals the expected value; a set but wrong value is a false positive; an expected value not
+matched is a false negative (so a negation read as a finding costs precision and recall). Macro
+F1 is over the labels present in the set. Separately, per value class (positive / negative /
+uncertain) micro P/R/F1 over the 13 findings shows how well negation and uncertainty are read.
+
+Systems, all on the same texts in the same process:
+- `labeler`: our `TextLabeler`;
+- `keywords`: any vocabulary mention -> 1 (no negation, no uncertainty);
+- `negspacy`: negspaCy's NegEx (`negex`, termset `en_clinical`) over an `entity_ruler` holding
+  the same vocabulary mentions (and the vocabulary's exclusions, so "pericardial effusion" is not
+  an effusion) on blank English + `sentencizer`, fed the same `___`-normalised text as ours;
+  negspaCy has no uncertainty, so a non-negated mention is positive. Skipped if not installed.
+
+Usage: python benchmarks/labeler_dev.py [--repeat 5] [--json]
 """
 
 from __future__ import annotations
@@ -23,23 +37,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mgll_data.labeler import TextLabeler, no_finding  # noqa: E402
+from mgll_data.labeler import TextLabeler, aggregate, no_finding, prepare_text  # noqa: E402
 from mgll_data.vocab import Vocabulary, load_vocabulary  # noqa: E402
 
 DEV_SET = ROOT / "tests" / "data" / "labeler_dev.jsonl"
+DEV_REPORTS = ROOT / "tests" / "data" / "labeler_dev_reports.jsonl"
 CHEXPERT_14 = (
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Lesion", "Lung Opacity",
     "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
     "Pleural Other", "Fracture", "Support Devices",
 )  # fmt: skip
+VALUES = {"positive": 1.0, "negative": 0.0, "uncertain": -1.0}
 
 
 def load_dev_set(path: Path = DEV_SET) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def load_dev_reports(path: Path = DEV_REPORTS) -> list[dict]:
+    return load_dev_set(path)
+
+
 class KeywordBaseline:
     """Any mention phrase of a label in the text -> 1; nothing else."""
+
+    name = "keywords"
 
     def __init__(self, vocab: Vocabulary):
         self.patterns = {
@@ -53,11 +75,63 @@ class KeywordBaseline:
             if label.mentions and label.name != "No Finding"
         }
 
+    def label_many(self, texts: list[str]) -> list[dict[str, float]]:
+        return [self.label(t) for t in texts]
+
     def label(self, text: str) -> dict[str, float]:
         labels = {name: 1.0 for name, p in self.patterns.items() if p.search(text)}
         if no_finding(labels) is not None:
             labels["No Finding"] = 1.0
         return labels
+
+
+class NegspacyBaseline:
+    """negspaCy NegEx on the vocabulary's mention phrases; not negated -> 1, negated -> 0."""
+
+    name = "negspacy"
+    EXCLUDE = "MGLL_EXCLUDE"
+
+    def __init__(self, vocab: Vocabulary):
+        import spacy
+        from negspacy.negation import Negex  # noqa: F401  (registers the "negex" factory)
+        from negspacy.termsets import termset
+
+        self.nlp = spacy.blank("en")
+        self.nlp.add_pipe("sentencizer")
+        ruler = self.nlp.add_pipe("entity_ruler", config={"phrase_matcher_attr": "LOWER"})
+        patterns = []
+        for label in vocab.labels:
+            if label.name == "No Finding":
+                continue
+            patterns += [{"label": label.name, "pattern": m} for m in label.mentions]
+        for phrases in (vocab.raw.get("mention_exclusions") or {}).values():
+            patterns += [{"label": self.EXCLUDE, "pattern": p} for p in phrases or ()]
+        ruler.add_patterns(patterns)
+        self.nlp.add_pipe("negex", config={"neg_termset": termset("en_clinical").get_patterns()})
+
+    def label_many(self, texts: list[str]) -> list[dict[str, float]]:
+        return [self._labels(doc) for doc in self.nlp.pipe(prepare_text(t) for t in texts)]
+
+    def _labels(self, doc) -> dict[str, float]:
+        values: dict[str, list[float]] = {}
+        for ent in doc.ents:
+            if ent.label_ != self.EXCLUDE:
+                values.setdefault(ent.label_, []).append(0.0 if ent._.negex else 1.0)
+        labels = {name: aggregate(v) for name, v in values.items()}
+        if no_finding(labels) is not None:
+            labels["No Finding"] = 1.0
+        return labels
+
+
+class OurLabeler:
+    name = "labeler"
+
+    def __init__(self, vocab: Vocabulary):
+        self.labeler = TextLabeler(vocab)
+        self.model = self.labeler.model
+
+    def label_many(self, texts: list[str]) -> list[dict[str, float]]:
+        return self.labeler.label_many(texts)
 
 
 def score(expected: list[dict], predicted: list[dict], names=CHEXPERT_14) -> dict[str, dict]:
@@ -72,11 +146,30 @@ def score(expected: list[dict], predicted: list[dict], names=CHEXPERT_14) -> dic
             else:
                 fp += g is not None
                 fn += w is not None
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        table[name] = {"p": precision, "r": recall, "f1": f1, "n": tp + fn}
+        table[name] = _prf(tp, fp, fn)
     return table
+
+
+def score_values(expected: list[dict], predicted: list[dict]) -> dict[str, dict]:
+    """Micro P/R/F1 per value class (positive / negative / uncertain) over the 13 findings."""
+    table = {}
+    for cls, value in VALUES.items():
+        tp = fp = fn = 0
+        for want, got in zip(expected, predicted, strict=True):
+            for name in CHEXPERT_14[1:]:
+                w, g = want.get(name) == value, got.get(name) == value
+                tp += w and g
+                fp += g and not w
+                fn += w and not g
+        table[cls] = _prf(tp, fp, fn)
+    return table
+
+
+def _prf(tp: int, fp: int, fn: int) -> dict:
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"p": precision, "r": recall, "f1": f1, "n": tp + fn}
 
 
 def macro_f1(table: dict[str, dict]) -> float:
@@ -84,54 +177,82 @@ def macro_f1(table: dict[str, dict]) -> float:
     return sum(supported) / len(supported)
 
 
-def run(repeat: int = 20) -> dict:
+def systems(vocab: Vocabulary) -> list:
+    found = [OurLabeler(vocab), KeywordBaseline(vocab)]
+    try:
+        found.append(NegspacyBaseline(vocab))
+    except ImportError:  # negspacy is a dev-only baseline
+        pass
+    return found
+
+
+def run(repeat: int = 5) -> dict:
+    """{dev-set name: {system: {table, values, macro_f1, per_s}}}, plus "all" (both sets)."""
     vocab = load_vocabulary("chest_xray")
-    rows = load_dev_set()
-    texts = [r["text"] for r in rows]
-    expected = [r["labels"] for r in rows]
-    results = {}
-    for name, labeler in (("labeler", TextLabeler(vocab)), ("keywords", KeywordBaseline(vocab))):
-        if hasattr(labeler, "label_many"):
-            predicted = labeler.label_many(texts)
-            started = time.perf_counter()
-            labeler.label_many(texts * repeat)
-        else:
-            predicted = [labeler.label(t) for t in texts]
-            started = time.perf_counter()
-            [labeler.label(t) for t in texts * repeat]
-        seconds = time.perf_counter() - started
-        table = score(expected, predicted)
-        results[name] = {
-            "table": table,
-            "macro_f1": macro_f1(table),
-            "per_s": len(texts) * repeat / seconds,
-        }
-        if name == "labeler":
-            results[name]["model"] = labeler.model
+    sets = {"sentences": load_dev_set(), "reports": load_dev_reports()}
+    sets["all"] = sets["sentences"] + sets["reports"]
+    results: dict[str, dict] = {}
+    for system in systems(vocab):
+        for set_name, rows in sets.items():
+            texts = [r["text"] for r in rows]
+            expected = [r["labels"] for r in rows]
+            predicted = system.label_many(texts)
+            entry = {
+                "table": score(expected, predicted),
+                "values": score_values(expected, predicted),
+                "predicted": predicted,
+            }
+            entry["macro_f1"] = macro_f1(entry["table"])
+            if getattr(system, "model", None):
+                entry["model"] = system.model
+            if set_name == "reports" and repeat:
+                started = time.perf_counter()
+                system.label_many(texts * repeat)
+                entry["per_s"] = len(texts) * repeat / (time.perf_counter() - started)
+            results.setdefault(set_name, {})[system.name] = entry
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--errors", action="store_true", help="list the labeler's mistakes")
     args = parser.parse_args()
     results = run(args.repeat)
-    print(f"dev set: {DEV_SET.relative_to(ROOT)} ({len(load_dev_set())} snippets)")
-    print(f"{'label':28s} {'labeler P/R/F1':>20s} {'keywords P/R/F1':>20s}  n")
-    for name in CHEXPERT_14:
-        a, b = results["labeler"]["table"][name], results["keywords"]["table"][name]
-        if not a["n"]:
-            continue
-        print(
-            f"{name:28s} {a['p']:6.2f} {a['r']:6.2f} {a['f1']:6.2f} "
-            f"{b['p']:6.2f} {b['r']:6.2f} {b['f1']:6.2f}  {a['n']}"
-        )
-    for name in ("labeler", "keywords"):
-        r = results[name]
-        print(
-            f"{name:9s} macro F1 {r['macro_f1']:.3f}  throughput {r['per_s']:,.0f} snippets/s"
-            + (f"  ({r['model']})" if "model" in r else "")
-        )
+    names = list(results["all"])
+    print(
+        f"dev sets: {DEV_SET.relative_to(ROOT)} ({len(load_dev_set())} sentences), "
+        f"{DEV_REPORTS.relative_to(ROOT)} ({len(load_dev_reports())} reports)"
+    )
+    for set_name in ("sentences", "reports", "all"):
+        res = results[set_name]
+        print(f"\n== {set_name}: per-label P / R / F1 ==")
+        print(f"{'label':27s}" + "".join(f" {n + ' P/R/F1':>19s}" for n in names) + "    n")
+        for label in CHEXPERT_14:
+            rows = [res[n]["table"][label] for n in names]
+            if not rows[0]["n"]:
+                continue
+            cells = "".join(f"  {r['p']:5.2f} {r['r']:5.2f} {r['f1']:5.2f}" for r in rows)
+            print(f"{label:27s}{cells}  {rows[0]['n']:3d}")
+        print(f"{'macro F1':27s}" + "".join(f" {res[n]['macro_f1']:>19.3f}" for n in names))
+        for cls in VALUES:
+            rows = [res[n]["values"][cls] for n in names]
+            cells = "".join(f"  {r['p']:5.2f} {r['r']:5.2f} {r['f1']:5.2f}" for r in rows)
+            print(f"{'value=' + cls:27s}{cells}  {rows[0]['n']:3d}")
+    print()
+    for n in names:
+        extra = f"  ({results['all'][n].get('model', '')})" if n == "labeler" else ""
+        print(f"{n:9s} throughput {results['reports'][n]['per_s']:,.0f} reports/s{extra}")
+    if args.errors:
+        rows = load_dev_set() + load_dev_reports()
+        for row, got in zip(rows, results["all"]["labeler"]["predicted"], strict=True):
+            want = {k: v for k, v in row["labels"].items()}
+            got = {k: v for k, v in got.items() if k in CHEXPERT_14}
+            if want != got:
+                diff = {
+                    k: (want.get(k), got.get(k)) for k in CHEXPERT_14 if want.get(k) != got.get(k)
+                }
+                print(f"- {row['text'][:160]!r}\n    (want, got): {diff}")
 
 
 if __name__ == "__main__":

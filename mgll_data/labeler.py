@@ -46,6 +46,7 @@ NO_FINDING = "No Finding"
 NO_FINDING_IGNORES = ("Support Devices",)
 MAX_PRE_SCOPE = 12  # tokens between a pre trigger and a mention it covers
 MAX_POST_SCOPE = 8  # tokens between a mention and a post trigger that covers it
+MAX_PHRASE_GAP = 3  # words between a label's fixed phrase and a mention it decides
 # Grammar, not medicine: phrases that contain a negation word but negate nothing (NegEx "pseudo").
 PSEUDO_TRIGGERS = (
     "no change",
@@ -78,6 +79,7 @@ CLAUSE_BREAKS = (";", ":", "there", "which", "whereas")
 HEART_FAILURE = ("chf", "heart failure", "congestive heart failure", "cardiac failure")
 NEGATION_WORDS = re.compile(r"\b(no|not|cannot|can't|n't|without|rule|ruled|exclude|excluded)\b")
 _DEID = re.compile(r"_{2,}")
+_VERSUS = re.compile(r"(?i)\b(vs)\.(?=\s)")
 # scispaCy's abbreviation detector warns on every doc that its empty global matcher has no rules.
 warnings.filterwarnings("ignore", message=r"\[W036\]")
 
@@ -116,8 +118,10 @@ def no_finding(labels: dict[str, float]) -> float | None:
 
 def prepare_text(text: str) -> str:
     """Text for NLP, same length as the input: `___` -> `XXX` (a word, so it neither glues
-    sentences together nor reads as punctuation), `and/or` -> `or  `."""
+    sentences together nor reads as punctuation), `vs.` -> `vs ` (the trigger, not a sentence
+    end), `and/or` -> `or  `."""
     text = _DEID.sub(lambda m: "X" * len(m.group(0)), text)
+    text = _VERSUS.sub(lambda m: m.group(1) + " ", text)
     return re.sub(r"(?i)\band/or\b", "or    ", text)
 
 
@@ -211,13 +215,18 @@ class TextLabeler:
         fixed_spans = _maximal([(s, e, lab) for s, e, lab, _ in fixed])
         fixed_value = {(s, e, lab): v for s, e, lab, v in fixed}
         occupied = [(s, e) for s, e, _ in candidates + fixed_spans]
-        occupied += [(s, e) for s, e, _ in spans.get("pseudo", ())]
         triggers = []
-        for kind in ("neg_pre", "neg_post", "unc_pre", "unc_post", "terminator"):
+        for kind in ("neg_pre", "neg_post", "unc_pre", "unc_post", "terminator", "pseudo"):
             for s, e, _ in spans.get(kind, ()):
                 if not any(s < oe and os_ < e for os_, oe in occupied):
                     triggers.append((s, e, kind))
-        triggers = _longest(triggers)
+        # A pseudo-trigger only wins against shorter triggers: "no longer" is pseudo, but
+        # "is no longer seen" is a negation.
+        triggers = [t for t in _longest(triggers) if t[2] != "pseudo"]
+        # A terminator right after a pre trigger belongs to it ("likely due to X", "may be
+        # secondary to X"): the hedge covers X.
+        pre_ends = {e for _, e, kind in triggers if kind.endswith("_pre")}
+        triggers = [t for t in triggers if not (t[2] == "terminator" and t[0] in pre_ends)]
         heart_failure = {(s, e) for s, e, _ in _maximal(spans.get("heart_failure", []))}
         result: list[Mention] = []
         for s, e, lab in fixed_spans:
@@ -225,6 +234,17 @@ class TextLabeler:
             result.append(Mention(lab, value, s, e, doc[s:e].text, "phrase"))
         for s, e, lab in candidates:
             value, cue = self._judge(doc, s, e, triggers)
+            # A label's own phrase just before its mention ("interval removal of [the] ET
+            # tube", same sentence, at most MAX_PHRASE_GAP words between) decides the value.
+            for fs, fe, fl in fixed_spans:
+                gap = doc[fe:s]
+                if (
+                    fl == lab
+                    and 0 <= s - fe <= MAX_PHRASE_GAP
+                    and all(t.is_alpha for t in gap)
+                    and not any(t.is_sent_start for t in doc[fe : s + 1])
+                ):
+                    value, cue = fixed_value[(fs, fe, fl)], "phrase"
             result.append(Mention(lab, value, s, e, doc[s:e].text, cue))
         for s, e in sorted(heart_failure):
             value, cue = self._judge(doc, s, e, triggers)
@@ -251,6 +271,11 @@ class TextLabeler:
         sentence = doc[start].sent
         lo, hi = sentence.start, sentence.end
         covering: list[tuple[str, str]] = []
+        # A trigger that is both pre and post ("versus", "vs") joins two alternatives: it
+        # covers only the phrase next to it on each side, not across a comma.
+        both = {(s, e) for s, e, k in triggers if k.endswith("_pre")} & {
+            (s, e) for s, e, k in triggers if k.endswith("_post")
+        }
         # Nearest pre trigger before the mention, unless a terminator/clause break intervenes.
         before = [t for t in triggers if lo <= t[0] and t[1] <= start]
         for s, e, kind in sorted(before, key=lambda t: -t[0]):
@@ -259,14 +284,16 @@ class TextLabeler:
             if _clause_break(doc, e, start):
                 break
             if kind.endswith("_pre"):
-                covering.append((kind, doc[s:e].text))
+                if not ((s, e) in both and _comma(doc, e, start)):
+                    covering.append((kind, doc[s:e].text))
                 break
         after = [t for t in triggers if end <= t[0] and t[1] <= hi]
         for s, e, kind in sorted(after, key=lambda t: t[0]):
             if kind == "terminator" or s - end > MAX_POST_SCOPE or _clause_break(doc, end, s):
                 break
             if kind.endswith("_post"):
-                covering.append((kind, doc[s:e].text))
+                if not ((s, e) in both and _comma(doc, end, s)):
+                    covering.append((kind, doc[s:e].text))
                 break
         unc = [cue for kind, cue in covering if kind.startswith("unc")]
         neg = [cue for kind, cue in covering if kind.startswith("neg")]
@@ -278,6 +305,10 @@ class TextLabeler:
         if unc:
             return UNCERTAIN, unc[0]
         return POSITIVE, ""
+
+
+def _comma(doc, start: int, end: int) -> bool:
+    return any(doc[i].text == "," for i in range(start, end))
 
 
 def _clause_break(doc, start: int, end: int) -> bool:
@@ -297,14 +328,15 @@ def _maximal(spans: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
 
 
 def _longest(spans: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
-    """Overlapping triggers: the longest wins (then the earliest)."""
+    """Overlapping triggers: the longest wins (then the earliest). The same span listed under
+    several kinds ("versus" is both a pre and a post trigger) keeps all of them."""
     chosen: list[tuple[int, int, str]] = []
     taken: set[int] = set()
     for s, e, kind in sorted(spans, key=lambda t: (-(t[1] - t[0]), t[0], t[2])):
-        if taken.isdisjoint(range(s, e)):
+        if taken.isdisjoint(range(s, e)) or any((s, e) == (cs, ce) for cs, ce, _ in chosen):
             chosen.append((s, e, kind))
             taken.update(range(s, e))
-    return sorted(chosen)
+    return sorted(set(chosen))
 
 
 def _make_nlp(model: str | None):
