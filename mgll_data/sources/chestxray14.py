@@ -7,7 +7,6 @@ absence of its 14 findings, so those are 0 unless listed, and the labels it neve
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..items import ImageRef, QuarantineEntry, RawItem
 from .base import ScanResult, Source
+from .splits import hash_fraction
 from .tables import read_csv_table, read_list_file
 
 DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
@@ -42,8 +42,7 @@ def strip_id(raw: str) -> str:
 
 def in_validation(patient_id: str, fraction: float, salt: str) -> bool:
     """Whether a train_val patient goes to validation: a stable hash of the id, never hash()."""
-    digest = hashlib.sha256(f"{salt}:{patient_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return hash_fraction(patient_id, salt) < fraction
 
 
 def _find_first(root: Path, names: tuple[str, ...]) -> Path | None:

@@ -22,7 +22,6 @@ propagation up the hierarchy, DESIGN §4); an ungraded diagnosis leaves its grad
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -36,6 +35,7 @@ import pandas as pd
 from ..errors import UserError
 from ..items import ImageRef, QuarantineEntry, RawItem
 from .base import ScanResult, Source
+from .splits import hash_split
 from .tables import read_csv_table, require_columns
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -50,17 +50,6 @@ _KEYWORD_SPLIT = re.compile(r"[，,、;；]")
 
 
 # --- shared helpers -------------------------------------------------------------------------
-
-
-def hash_split(key: str, salt: str, validation: float, test: float) -> str:
-    """train / validation / test by a stable hash of `key` (never Python's hash())."""
-    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    if u < test:
-        return "test"
-    if u < test + validation:
-        return "validation"
-    return "train"
 
 
 def index_images(root: Path) -> dict[str, list[str]]:

@@ -67,6 +67,7 @@ from ..errors import UserError
 from ..items import ImageRef, QuarantineEntry, RawItem
 from ..stages import Task
 from .base import ScanResult, Source
+from .splits import hash_split
 from .tables import read_csv_table
 
 METADATA_COLUMNS = (
@@ -121,13 +122,7 @@ def split_of(patient: str, splits: dict[str, Any], salt: str) -> str:
     """train / validation / test by a salted SHA-256 of the patient id (never hash())."""
     validation = float(splits.get("validation_fraction", 0.1))
     test = float(splits.get("test_fraction", 0.1))
-    digest = hashlib.sha256(f"{salt}:{patient}".encode()).digest()
-    value = int.from_bytes(digest[:8], "big") / 2**64
-    if value < test:
-        return "test"
-    if value < test + validation:
-        return "validation"
-    return "train"
+    return hash_split(patient, salt, validation, test)
 
 
 def parse_age(raw: Any) -> float | None:
