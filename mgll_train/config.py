@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from .reporting import REPORT_CHOICES
+
 GRANULARITIES = ("category", "description", "explanation")
 
 
@@ -157,6 +159,13 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--save-frequency", type=int, default=1, help="save every N epochs (1)")
     run.add_argument("--save-every-n-steps", type=int, default=None, help="also save every N steps")
     run.add_argument("--log-every-n-steps", type=int, default=10, help="log every N steps (10)")
+    run.add_argument(
+        "--report-to",
+        choices=REPORT_CHOICES,
+        default="auto",
+        help="metrics.jsonl always; 'tensorboard' also writes <run>/tensorboard event files, "
+        "'auto' (default) does so when the tensorboard package is installed, 'none' never",
+    )
     run.add_argument("--device", default="cuda", help="cuda (falls back to cpu) or cpu")
 
 

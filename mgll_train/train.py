@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import signal
@@ -34,6 +33,7 @@ from .data import MgllDataset, SampleTransform, TruncationStats
 from .feed import make_feed
 from .loss import MGLLLoss
 from .model import DEFAULT_LOGIT_BIAS, clamp_logit_scale, create_model
+from .reporting import MetricsReporter
 
 log = logging.getLogger("mgll_train")
 
@@ -72,10 +72,6 @@ class Run:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
 
 
 def default_name(args: argparse.Namespace) -> str:
@@ -230,95 +226,108 @@ def fit(args: argparse.Namespace) -> Path:
             "rng": rng_state(),
         }
 
-    stop = _StopFlag()
-    stop.install()
-    autocast = get_autocast(args.precision, device_type=device.type)
-    truncation = TruncationStats(args.granularities)
-    for epoch in range(start_epoch, args.epochs):
-        resuming = epoch == start_epoch
-        batch_index = first_batch = start_batch if resuming else 0
-        next_unit = start_unit if resuming else 0
-        loader = feed.batches(
-            epoch, first_batch, next_unit, args.workers, pin_memory=device.type == "cuda"
-        )
-        started = time.time()
-        for batch in loader:
-            if step >= total_steps:
-                break
-            scheduler(step)
-            losses = _train_step(
-                model,
-                loss_fn,
-                optimizer,
-                scaler,
-                autocast,
-                batch,
-                device,
-                accum_freq=args.accum_freq,
-                grad_clip_norm=args.grad_clip_norm,
+    reporter = MetricsReporter(run.root, args.report_to) if is_master else None
+    try:
+        stop = _StopFlag()
+        stop.install()
+        autocast = get_autocast(args.precision, device_type=device.type)
+        truncation = TruncationStats(args.granularities)
+        for epoch in range(start_epoch, args.epochs):
+            resuming = epoch == start_epoch
+            batch_index = first_batch = start_batch if resuming else 0
+            next_unit = start_unit if resuming else 0
+            loader = feed.batches(
+                epoch, first_batch, next_unit, args.workers, pin_memory=device.type == "cuda"
             )
-            step += 1
-            batch_index += 1
-            if "units" in batch:
-                next_unit = max(next_unit, int(batch["units"].max()) + 1)
-            truncation.update(batch)
-            if is_master and (step % args.log_every_n_steps == 0 or step == 1):
-                _log_step(
-                    run,
+            started = time.time()
+            for batch in loader:
+                if step >= total_steps:
+                    break
+                scheduler(step)
+                losses = _train_step(
                     model,
+                    loss_fn,
                     optimizer,
-                    losses,
-                    truncation,
-                    epoch,
-                    step,
-                    batch_index,
-                    args.batch_size
-                    * world_size
-                    * (batch_index - first_batch)
-                    / max(time.time() - started, 1e-9),
+                    scaler,
+                    autocast,
+                    batch,
+                    device,
+                    accum_freq=args.accum_freq,
+                    grad_clip_norm=args.grad_clip_norm,
                 )
-            at_step_save = args.save_every_n_steps and step % args.save_every_n_steps == 0
-            if is_master and (at_step_save or stop.requested):
+                step += 1
+                batch_index += 1
+                if "units" in batch:
+                    next_unit = max(next_unit, int(batch["units"].max()) + 1)
+                truncation.update(batch)
+                if is_master and (step % args.log_every_n_steps == 0 or step == 1):
+                    _log_step(
+                        reporter,
+                        model,
+                        optimizer,
+                        losses,
+                        truncation,
+                        epoch,
+                        step,
+                        batch_index,
+                        args.batch_size
+                        * world_size
+                        * (batch_index - first_batch)
+                        / max(time.time() - started, 1e-9),
+                    )
+                at_step_save = args.save_every_n_steps and step % args.save_every_n_steps == 0
+                if is_master and (at_step_save or stop.requested):
+                    save_checkpoint(
+                        run.checkpoints / f"step_{step}.pt",
+                        state_at(epoch, batch_index, next_unit),
+                        latest=run.checkpoints / "epoch_latest.pt",
+                    )
+                if stop.requested:
+                    log.info("SIGTERM: saved step %d; resume with --resume latest", step)
+                    return run.root
+            finished = batch_index >= steps_per_epoch
+            if (
+                is_master
+                and finished
+                and ((epoch + 1) % args.save_frequency == 0 or epoch + 1 == args.epochs)
+            ):
                 save_checkpoint(
-                    run.checkpoints / f"step_{step}.pt",
-                    state_at(epoch, batch_index, next_unit),
+                    run.checkpoints / f"epoch_{epoch + 1}.pt",
+                    state_at(epoch + 1, 0),
                     latest=run.checkpoints / "epoch_latest.pt",
                 )
-            if stop.requested:
-                log.info("SIGTERM: saved step %d; resume with --resume latest", step)
-                return run.root
-        finished = batch_index >= steps_per_epoch
-        if (
-            is_master
-            and finished
-            and ((epoch + 1) % args.save_frequency == 0 or epoch + 1 == args.epochs)
-        ):
-            save_checkpoint(
-                run.checkpoints / f"epoch_{epoch + 1}.pt",
-                state_at(epoch + 1, 0),
-                latest=run.checkpoints / "epoch_latest.pt",
-            )
-        if is_master and args.val_data and finished:  # evaluation during training (issue 5)
-            _evaluate_epoch(run, unwrap(model).clip, bundle.tokenizer, args, epoch + 1, device)
-        if step >= total_steps:
-            if is_master and not finished:  # --max-steps ended the run inside an epoch
-                save_checkpoint(
-                    run.checkpoints / f"step_{step}.pt",
-                    state_at(epoch, batch_index, next_unit),
-                    latest=run.checkpoints / "epoch_latest.pt",
+            if is_master and args.val_data and finished:  # evaluation during training (issue 5)
+                _evaluate_epoch(
+                    reporter, unwrap(model).clip, bundle.tokenizer, args, epoch + 1, step, device
                 )
-            break
-    if is_master:
-        log.info("done: %d steps; checkpoints in %s", step, run.checkpoints)
+            if step >= total_steps:
+                if is_master and not finished:  # --max-steps ended the run inside an epoch
+                    save_checkpoint(
+                        run.checkpoints / f"step_{step}.pt",
+                        state_at(epoch, batch_index, next_unit),
+                        latest=run.checkpoints / "epoch_latest.pt",
+                    )
+                break
+        if is_master:
+            log.info("done: %d steps; checkpoints in %s", step, run.checkpoints)
+    finally:
+        if reporter is not None:
+            reporter.close()
     if world_size > 1:
         torch.distributed.barrier()
     return run.root
 
 
 def _evaluate_epoch(
-    run: Run, clip: torch.nn.Module, tokenizer: Any, args: argparse.Namespace, epoch: int, device
+    reporter: MetricsReporter,
+    clip: torch.nn.Module,
+    tokenizer: Any,
+    args: argparse.Namespace,
+    epoch: int,
+    step: int,
+    device: torch.device,
 ) -> None:
-    """`--val-data`: the eval keys as one line `{"eval": {...}, "epoch": N}` of metrics.jsonl."""
+    """`--val-data`: one line `{"eval": {...}, "epoch": N}` of metrics.jsonl (+ TensorBoard)."""
     from .evaluate import clean_metrics, evaluate_model
 
     tasks = []
@@ -340,8 +349,7 @@ def _evaluate_epoch(
     zs = metrics.get("zeroshot", {}).get("macro_auroc")
     r5 = metrics.get("retrieval", {}).get("image_to_text", {}).get("R@5")
     log.info("eval epoch %d on %s: zero-shot macro AUROC %s, R@5 %s", epoch, args.val_split, zs, r5)
-    with open(run.metrics, "a") as f:
-        f.write(json.dumps({"eval": metrics, "epoch": epoch}, sort_keys=True) + "\n")
+    reporter.evaluation(metrics, epoch, step)
 
 
 def _train_step(
@@ -417,7 +425,7 @@ def _share_gradient(value: torch.Tensor, parts: int) -> torch.Tensor:
 
 
 def _log_step(
-    run: Run,
+    reporter: MetricsReporter,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     losses: dict[str, torch.Tensor],
@@ -455,8 +463,7 @@ def _log_step(
         record["logit_scale"],
         samples_per_s,
     )
-    with open(run.metrics, "a") as f:
-        f.write(json.dumps({"train": record}, sort_keys=True) + "\n")
+    reporter.train(record, step)
 
 
 __all__ = ["FeatureModel", "MgllDataset", "fit"]

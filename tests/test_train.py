@@ -99,6 +99,16 @@ def test_fit_writes_open_clip_run_layout(dataset, tmp_path):
     )
     assert state["label_names"][0] == "No Finding"
     assert "loss: mgll" in (run / "params.txt").read_text()
+    # tensorboard is installed with the test extra, so `--report-to auto` wrote event files
+    # carrying the same numbers as metrics.jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [m["step"] for m in metrics]
+    assert [e.value for e in losses] == pytest.approx([m["loss"] for m in metrics], rel=1e-6)
+    assert "train/truncated/description" in events.Tags()["scalars"]
 
 
 def test_config_file_with_command_line_override(dataset, tmp_path):
