@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--labels", choices=("chexpert", "negbio", "text"), help="where labels come from"
     )
+    source.add_argument(
+        "--section-rules",
+        metavar="SECTION_PARSER_PY",
+        help="MIMIC-CXR: the official txt/section_parser.py (MIT-LCP/mimic-cxr), whose "
+        "per-study special cases are read from it as data (never run)",
+    )
     build.add_argument(
         "--push-to-hub",
         metavar="ORG/NAME",
@@ -200,7 +206,7 @@ def _build_options(args: argparse.Namespace):
         crop_borders=getattr(args, "crop_borders", None),
         source_options=tuple(
             (key, str(getattr(args, key)))
-            for key in ("images", "views", "labels")
+            for key in ("images", "views", "labels", "section_rules")
             if getattr(args, key, None) is not None
         ),
     )

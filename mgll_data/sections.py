@@ -19,16 +19,22 @@ for (shared/reference/source-formats.md §1.7); no code is taken from it.
 - With neither `impression` nor `findings`, the last section's text after its first paragraph
   becomes `last_paragraph`.
 - Per-study special cases (`SPECIAL_INDICES`, `SPECIAL_SECTION_NAMES`) set `conclusion` and drop
-  the generic conclusion candidates; the pipeline may add more.
+  the generic conclusion candidates. Only the case the reference names is built in; the full
+  official table is read from the user's copy of the official `section_parser.py`
+  (`load_official_rules`, parsed as data and never executed), and a pipeline may add more.
 - `___` de-identification tokens are kept verbatim in every section text.
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
 
 # A header at a line start: capitals with a few punctuation characters, then a colon.
 _HEADER = re.compile(r"(?m)^[ \t]*([A-Z][A-Z ()/,&-]{0,60}?)[ \t]*:(?=\s|[A-Za-z_]|$)[ \t]*")
@@ -259,3 +265,46 @@ def conclusion(sectioned: Sectioned, order: tuple[str, ...] = ()) -> tuple[str, 
         if sectioned.sections.get(name, "").strip():
             return sectioned.sections[name], name
     return "", ""
+
+
+def load_official_rules(path: str | Path) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """The per-study tables of the official splitter, from a copy of its `section_parser.py`.
+
+    MIMIC-CXR users have the MIT-LCP `mimic-cxr` repository (`txt/section_parser.py`, also in
+    `mimic-code`'s `mimic-iv-cxr/txt/`); rather than keep a second copy of its study lists, we
+    read the dict literals assigned to `custom_indices` and `custom_section_names` there. The
+    file is parsed with `ast` and never imported or run. Returns (indices, section names).
+    """
+    path = Path(path)
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except (OSError, UnicodeDecodeError, SyntaxError) as err:
+        raise UserError(f"{path}: cannot read the official section rules ({err})") from None
+    tables: dict[str, dict] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
+            for target in node.targets:
+                if isinstance(target, ast.Name) and target.id in (
+                    "custom_indices",
+                    "custom_section_names",
+                ):
+                    try:
+                        tables[target.id] = ast.literal_eval(node.value)
+                    except ValueError:
+                        raise UserError(
+                            f"{path}: {target.id} is not a literal dict of study ids"
+                        ) from None
+    if set(tables) != {"custom_indices", "custom_section_names"}:
+        missing = sorted({"custom_indices", "custom_section_names"} - set(tables))
+        raise UserError(
+            f"{path}: expected the official section_parser.py with dict literals "
+            f"custom_indices and custom_section_names; {', '.join(missing)} not found"
+        )
+    try:
+        indices = {str(k): (int(v[0]), int(v[1])) for k, v in tables["custom_indices"].items()}
+        names = {str(k): str(v).lower() for k, v in tables["custom_section_names"].items()}
+    except (TypeError, ValueError, IndexError):
+        raise UserError(
+            f"{path}: custom_indices must map study ids to [start, end] pairs"
+        ) from None
+    return indices, names

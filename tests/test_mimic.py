@@ -134,6 +134,21 @@ def test_texts_come_from_the_right_sections(jpg_build):
     assert json.loads(f3["extra"])["report"] == "indices"
 
 
+def test_official_section_rules_from_the_users_copy(release, tmp_path):
+    from tests.test_sections import OFFICIAL_RULES
+
+    rules = tmp_path / "section_parser.py"
+    rules.write_text(OFFICIAL_RULES)
+    out = tmp_path / "out"
+    _build(release, out, section_rules=str(rules))
+    rows = _rows(out)
+    assert rows["A1"]["text_description"] == "Chest PA and lateral"  # last TECHNIQUE section
+    assert json.loads(rows["A1"]["extra"])["report"] == "section_name"
+    assert rows["C1"]["text_origin"][1] == "label_template"  # [0, 0]: no conclusion at all
+    assert json.loads(rows["C1"]["extra"])["report"] == "indices"
+    assert rows["F3"]["text_origin"][1] == "label_template"  # the built-in case still holds
+
+
 def test_csv_labels_exact_and_text_fallback(jpg_build):
     rows = _rows(jpg_build)
     for name, study in (("A1", "50414267"), ("B2", "53189527"), ("D1", "57375967")):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from mgll_data.sections import conclusion, normalise_name, section_report
+import pytest
+
+from mgll_data.errors import UserError
+from mgll_data.sections import conclusion, load_official_rules, normalise_name, section_report
 from tests.mimic_fixture import REPORT_A, REPORT_B, REPORT_C, REPORT_F
 
 
@@ -78,3 +81,48 @@ def test_special_cases():
     assert s.sections["conclusion"] == "Chest PA and lateral" and "impression" not in s.sections
     s = section_report(REPORT_A, "s2", special_indices={"s2": (0, 12)})
     assert "impression" not in s.sections and s.sections.get("conclusion", "") == ""
+
+
+# Shaped like the official txt/section_parser.py (a function returning two dict literals); the
+# ids and offsets here are this fixture's own. The top-level statement proves it is never run.
+OFFICIAL_RULES = """
+import re
+open("RAN", "w").write("executed")
+
+
+def custom_mimic_cxr_rules():
+    custom_section_names = {
+        's50414267': 'technique',  # files/p10/p10000032/s50414267.txt
+        's50000001': 'RECOMMENDATIONS',
+    }
+    custom_indices = {
+        's53911762': [0, 0],
+        's50000002': [10, 20],
+    }
+    return custom_section_names, custom_indices
+"""
+
+
+def test_official_rules_are_read_as_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "section_parser.py"
+    path.write_text(OFFICIAL_RULES)
+    indices, names = load_official_rules(path)
+    assert indices == {"s53911762": (0, 0), "s50000002": (10, 20)}
+    assert names == {"s50414267": "technique", "s50000001": "recommendations"}
+    assert not (tmp_path / "RAN").exists()
+    s = section_report(REPORT_A, "s50414267", indices, names)
+    assert s.special_case == "section_name" and s.sections["conclusion"] == "Chest PA and lateral"
+
+
+def test_official_rules_bad_file(tmp_path):
+    path = tmp_path / "section_parser.py"
+    path.write_text("custom_indices = {'s1': [0, 1]}\n")
+    with pytest.raises(UserError, match="custom_section_names not found"):
+        load_official_rules(path)
+    path.write_text("def broken(:\n")
+    with pytest.raises(UserError, match="section_parser.py: cannot read"):
+        load_official_rules(path)
+    path.write_text("custom_indices = {'s1': 'x'}\ncustom_section_names = {}\n")
+    with pytest.raises(UserError, match=r"\[start, end\] pairs"):
+        load_official_rules(path)

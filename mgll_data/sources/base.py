@@ -47,9 +47,10 @@ class Source(ABC):
         self.options = dict(options or {})
         unsupported = sorted(set(self.options) - self.OPTIONS)
         if unsupported:
+            flags = [f"--{o.replace('_', '-')}" for o in sorted(self.OPTIONS)]
             raise UserError(
-                f"pipeline {pipeline.name!r} does not take --{unsupported[0]} "
-                f"(its source takes: {sorted(self.OPTIONS) or 'no options'})"
+                f"pipeline {pipeline.name!r} does not take --{unsupported[0].replace('_', '-')} "
+                f"(its source takes: {', '.join(flags) or 'no options'})"
             )
         if not self.root.is_dir():
             raise UserError(f"{self.root}: release root is not a directory")

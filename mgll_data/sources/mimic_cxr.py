@@ -30,7 +30,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..items import ImageRef, QuarantineEntry, RawItem
 from ..labeler import TextLabeler
-from ..sections import conclusion, section_report
+from ..sections import conclusion, load_official_rules, section_report
 from .base import ScanResult, Source
 from .tables import read_csv_table
 
@@ -90,7 +90,7 @@ def _group(subject: str) -> str:
 class MimicCxrSource(Source):
     """Reads MIMIC-CXR-JPG's CSVs with images from either release and reports from MIMIC-CXR."""
 
-    OPTIONS = frozenset({"images", "views", "labels"})
+    OPTIONS = frozenset({"images", "views", "labels", "section_rules"})
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -120,6 +120,13 @@ class MimicCxrSource(Source):
             k: (int(v[0]), int(v[1])) for k, v in (sections.get("special_indices") or {}).items()
         }
         self.special_names = dict(sections.get("special_section_names") or {})
+        rules = self.options.get("section_rules", sections.get("official_rules"))
+        self.section_rules = Path(rules).expanduser() if rules else None
+        if self.section_rules is not None:
+            official_indices, official_names = load_official_rules(self.section_rules)
+            # the pipeline's own entries win over the official table's
+            self.special_indices = {**official_indices, **self.special_indices}
+            self.special_names = {**official_names, **self.special_names}
         self.metadata = _find(self.root, METADATA)
         self.split_file = _find(self.root, SPLIT)
         self.label_file = (
@@ -132,7 +139,7 @@ class MimicCxrSource(Source):
     # -- interface --------------------------------------------------------------------------
     def input_files(self) -> list[Path]:
         files = [self.metadata, self.split_file, self.label_file, self.record_list]
-        files.append(self.reports_zip)
+        files += [self.reports_zip, self.section_rules]
         return [f for f in files if f is not None]
 
     def annotated_labels(self) -> list[str]:
