@@ -67,12 +67,14 @@ class KeywordBaseline:
         self.patterns = {
             label.name: re.compile(
                 r"\b("
-                + "|".join(re.escape(m) for m in sorted(label.mentions, key=len)[::-1])
+                + "|".join(
+                    re.escape(m) for m in sorted(vocab.mentions_for(label.name), key=len)[::-1]
+                )
                 + r")\b",
                 re.IGNORECASE,
             )
             for label in vocab.labels
-            if label.mentions and label.name != "No Finding"
+            if vocab.mentions_for(label.name) and label.name != "No Finding"
         }
 
     def label_many(self, texts: list[str]) -> list[dict[str, float]]:
@@ -108,6 +110,7 @@ class NegspacyBaseline:
             patterns += [{"label": self.EXCLUDE, "pattern": p} for p in phrases or ()]
         ruler.add_patterns(patterns)
         self.nlp.add_pipe("negex", config={"neg_termset": termset("en_clinical").get_patterns()})
+        self.rollups = [label for label in vocab.labels if label.mentions_count_for_parent]
 
     def label_many(self, texts: list[str]) -> list[dict[str, float]]:
         return [self._labels(doc) for doc in self.nlp.pipe(prepare_text(t) for t in texts)]
@@ -117,7 +120,9 @@ class NegspacyBaseline:
         for ent in doc.ents:
             if ent.label_ != self.EXCLUDE:
                 values.setdefault(ent.label_, []).append(0.0 if ent._.negex else 1.0)
-        labels = {name: aggregate(v) for name, v in values.items()}
+        for label in self.rollups:  # the same roll-up as ours ("nodule" -> Lung Lesion)
+            values.setdefault(label.parent, []).extend(values.get(label.name, ()))
+        labels = {name: aggregate(v) for name, v in values.items() if v}
         if no_finding(labels) is not None:
             labels["No Finding"] = 1.0
         return labels

@@ -27,6 +27,10 @@ Rules (per sentence, per mention):
   overlapping mention; an abbreviation defined in the text ("pneumothorax (PTX)") makes its short
   form a mention of the long form's label.
 - A positive or uncertain heart-failure mention adds an uncertain Cardiomegaly mention (CheXpert).
+- Mentions of a label marked `mentions_count_for_parent` in the vocabulary also count for its
+  parent (Nodule and Mass for Lung Lesion, Pleural Thickening for Pleural Other, Infiltration for
+  Lung Opacity, as CheXpert's mention lists have them); other children (Edema under Lung
+  Opacity) do not, since CheXpert labels those independently.
 - `No Finding` is 1 when no label other than Support Devices is positive or uncertain (its own
   mentions only keep "no" inside them from acting as a trigger); otherwise it is not set.
 """
@@ -179,6 +183,9 @@ class TextLabeler:
         by_label: dict[str, list[float]] = {}
         for mention in self._mentions(doc):
             by_label.setdefault(mention.label, []).append(mention.value)
+        for label in self.vocab.labels:  # "nodule" also speaks for Lung Lesion
+            if label.mentions_count_for_parent and label.name in by_label:
+                by_label.setdefault(label.parent, []).extend(by_label[label.name])
         labels: dict[str, float] = {}
         for name in self.vocab.names:
             if name == NO_FINDING:

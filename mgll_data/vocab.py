@@ -25,6 +25,9 @@ class Label:
     positive_prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...]
     explanation: str
+    # Its mentions are also mentions of its parent when mining text ("nodule" is a Lung Lesion
+    # mention in CheXpert's sense), unlike children such as Edema under Lung Opacity.
+    mentions_count_for_parent: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,15 @@ class Vocabulary:
 
     def label(self, name: str) -> Label:
         return self.labels[self.index(name)]
+
+    def mentions_for(self, name: str) -> tuple[str, ...]:
+        """The phrases that mention `name` in text: its own and those of children whose
+        mentions count for it (`mentions_count_for_parent`)."""
+        phrases = list(self.label(name).mentions)
+        for child in self.labels:
+            if child.parent == name and child.mentions_count_for_parent:
+                phrases += child.mentions
+        return tuple(dict.fromkeys(phrases))
 
     def ancestors(self, name: str) -> list[str]:
         """Parents of `name`, nearest first (the hierarchy, for training/evaluation time)."""
@@ -80,6 +92,7 @@ def load_vocabulary(domain: str) -> Vocabulary:
             positive_prompts=tuple(entry["prompts"]["positive"]),
             negative_prompts=tuple(entry["prompts"]["negative"]),
             explanation=" ".join(entry["explanation"].split()),
+            mentions_count_for_parent=bool(entry.get("mentions_count_for_parent", False)),
         )
         for entry in raw["labels"]
     )
@@ -92,4 +105,6 @@ def load_vocabulary(domain: str) -> Vocabulary:
     for label in labels:
         if label.parent is not None and label.parent not in names:
             raise ValueError(f"{path}: {label.name!r} has unknown parent {label.parent!r}")
+        if label.mentions_count_for_parent and label.parent is None:
+            raise ValueError(f"{path}: {label.name!r} counts mentions for a parent it lacks")
     return vocab

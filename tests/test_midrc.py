@@ -75,7 +75,7 @@ def commons(tmp_path_factory):
 
 
 def test_vocabulary_appends_midrc_labels_after_the_original_21():
-    assert VOCAB.version == "1.1.0" and len(VOCAB) == 29
+    assert VOCAB.version == "1.2.0" and len(VOCAB) == 29
     assert VOCAB.names[0] == "No Finding" and VOCAB.names[20] == "Pleural Thickening"
     assert VOCAB.names[21:] == ["COVID-19", *APPEARANCE, *GRADE]
     for name in VOCAB.names[21:]:
@@ -143,7 +143,7 @@ def test_ricord_rows_labels_texts_and_quarantine(ricord):
     ]
     shard = sorted((out / "data").glob("*.parquet"))[0]
     block = read_mgll_metadata(pq.read_schema(shard), shard)
-    assert block["vocab_version"] == "1.1.0"
+    assert block["vocab_version"] == "1.2.0"
     assert block["annotated_labels"] == ["COVID-19", *APPEARANCE, *GRADE]
     assert (
         "noncommercial" in (out / "README.md").read_text()
