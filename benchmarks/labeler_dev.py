@@ -82,6 +82,7 @@ class KeywordBaseline:
 
     def label(self, text: str) -> dict[str, float]:
         labels = {name: 1.0 for name, p in self.patterns.items() if p.search(text)}
+        labels = {k: v for k, v in labels.items() if k in CHEXPERT_14}  # No Finding over these
         if no_finding(labels) is not None:
             labels["No Finding"] = 1.0
         return labels
@@ -122,7 +123,7 @@ class NegspacyBaseline:
                 values.setdefault(ent.label_, []).append(0.0 if ent._.negex else 1.0)
         for label in self.rollups:  # the same roll-up as ours ("nodule" -> Lung Lesion)
             values.setdefault(label.parent, []).extend(values.get(label.name, ()))
-        labels = {name: aggregate(v) for name, v in values.items() if v}
+        labels = {name: aggregate(v) for name, v in values.items() if v and name in CHEXPERT_14}
         if no_finding(labels) is not None:
             labels["No Finding"] = 1.0
         return labels
@@ -132,7 +133,7 @@ class OurLabeler:
     name = "labeler"
 
     def __init__(self, vocab: Vocabulary):
-        self.labeler = TextLabeler(vocab)
+        self.labeler = TextLabeler(vocab, labels=CHEXPERT_14)  # as the dev sets are labelled
         self.model = self.labeler.model
 
     def label_many(self, texts: list[str]) -> list[dict[str, float]]:

@@ -32,7 +32,9 @@ Rules (per sentence, per mention):
   Lung Opacity, as CheXpert's mention lists have them); other children (Edema under Lung
   Opacity) do not, since CheXpert labels those independently.
 - `No Finding` is 1 when no label other than Support Devices is positive or uncertain (its own
-  mentions only keep "no" inside them from acting as a trigger); otherwise it is not set.
+  mentions only keep "no" inside them from acting as a trigger); otherwise it is not set. With
+  `labels=` (e.g. CheXpert's 14) it looks at those labels only, so "emphysema" alone leaves a
+  CheXpert-style No Finding = 1, as CheXpert's labeler gives.
 """
 
 from __future__ import annotations
@@ -193,10 +195,11 @@ class TextLabeler:
             value = aggregate(by_label.get(name, ()))
             if value is not None:
                 labels[name] = value
-        if NO_FINDING in self.vocab.names and no_finding(labels) is not None:
-            labels[NO_FINDING] = POSITIVE
-        if self.only is not None:
+        if self.only is not None:  # No Finding then speaks for these labels only, as CheXpert's
             labels = {k: v for k, v in labels.items() if k in self.only}
+        wanted = self.only is None or NO_FINDING in self.only
+        if wanted and NO_FINDING in self.vocab.names and no_finding(labels) is not None:
+            labels[NO_FINDING] = POSITIVE
         return labels
 
     def _mentions(self, doc) -> list[Mention]:

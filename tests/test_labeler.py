@@ -58,6 +58,16 @@ def test_child_mentions_that_count_for_the_parent(labeler):
     )
 
 
+def test_no_finding_speaks_for_the_chosen_labels():
+    from mgll_data.labeler import TextLabeler
+
+    text = "Emphysema. No acute process."
+    everything = default_labeler("chest_xray").label(text)
+    assert everything == {"Emphysema": 1.0}  # the whole vocabulary: a finding, so no No Finding
+    chexpert = TextLabeler(default_labeler("chest_xray").vocab, labels=CHEXPERT_LIKE).label(text)
+    assert chexpert == {"No Finding": 1.0}  # CheXpert's 14: emphysema is none of them
+
+
 def test_deid_tokens_do_not_break_sentences_or_carry_negation(labeler):
     text = "No evidence of pneumonia or edema. ___ year old with cardiomegaly."
     assert labeler.label(text) == {"Pneumonia": 0.0, "Edema": 0.0, "Cardiomegaly": 1.0}
