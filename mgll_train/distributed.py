@@ -11,11 +11,13 @@ with two rules that every caller must respect:
 
 Gradients:
 
-* ``gather_with_grad=True``: :func:`torch.distributed.nn.functional.all_gather`, whose backward
-  sums, over ranks, the gradients that every rank's loss sends to slice ``r``, and hands the sum
-  to rank ``r``. If every rank computes the same global loss ``L``, rank ``r`` thus receives
-  ``world_size * dL/dx_r``; DDP's averaging (sum over ranks / ``world_size``) of the encoder
-  gradients then gives exactly the single-process gradient.
+* ``gather_with_grad=True``: an autograd-aware all_gather (:class:`_AllGatherWithGrad`, the
+  semantics of ``torch.distributed.nn.functional.all_gather``, which torch 2.14 deprecates in
+  favour of a private module), whose backward sums, over ranks, the gradients that every rank's
+  loss sends to slice ``r``, and hands the sum to rank ``r``. If every rank computes the same
+  global loss ``L``, rank ``r`` thus receives ``world_size * dL/dx_r``; DDP's averaging (sum
+  over ranks / ``world_size``) of the encoder gradients then gives exactly the single-process
+  gradient.
 * ``gather_with_grad=False``: a plain ``all_gather`` (no autograd) after which this rank's slice
   is replaced by the local tensors, so the local slice keeps its graph: rank ``r`` receives the
   gradient of *its own* loss w.r.t. its local features, all other ranks' features being held
@@ -28,11 +30,31 @@ Labels and text ids carry no gradient and are gathered with a plain ``all_gather
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 __all__ = ["gather_features"]
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All ranks' parts of ``tensor`` as a list; backward sums each part's gradient over ranks."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(_all_gather_plain(tensor))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack([g.contiguous() for g in grads])
+        own = torch.empty_like(stacked[0])
+        if dist.get_backend() == dist.Backend.NCCL:
+            dist.reduce_scatter_tensor(own, stacked)  # one collective, this rank's sum only
+        else:  # gloo has no reduce_scatter: sum everything, keep this rank's part
+            dist.all_reduce(stacked)
+            own = stacked[dist.get_rank()]
+        return own
 
 
 def _all_gather_plain(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -46,7 +68,7 @@ def _gather(
     tensor: torch.Tensor, rank: int, dim: int, with_grad: bool, keep_local: bool
 ) -> torch.Tensor:
     if with_grad:
-        return torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=dim)
+        return torch.cat(_AllGatherWithGrad.apply(tensor.contiguous()), dim=dim)
     parts = _all_gather_plain(tensor)
     if keep_local:
         parts[rank] = tensor
