@@ -47,14 +47,11 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> torch.Tensor:
+        # One all_reduce on every backend (gloo has no reduce_scatter; the features' gradients
+        # are small, so the W-fold traffic is cheap and one code path is tested on CPU).
         stacked = torch.stack([g.contiguous() for g in grads])
-        own = torch.empty_like(stacked[0])
-        if dist.get_backend() == dist.Backend.NCCL:
-            dist.reduce_scatter_tensor(own, stacked)  # one collective, this rank's sum only
-        else:  # gloo has no reduce_scatter: sum everything, keep this rank's part
-            dist.all_reduce(stacked)
-            own = stacked[dist.get_rank()]
-        return own
+        dist.all_reduce(stacked)
+        return stacked[dist.get_rank()]
 
 
 def _all_gather_plain(tensor: torch.Tensor) -> list[torch.Tensor]:
