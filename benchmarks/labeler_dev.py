@@ -5,7 +5,11 @@ dataset), each row `{"text", "labels"}` with CheXpert values 1 / 0 / -1 per labe
 listed is "not mentioned":
 - `tests/data/labeler_dev.jsonl`: report sentences and short snippets;
 - `tests/data/labeler_dev_reports.jsonl`: whole reports (FINDINGS + IMPRESSION), labelled over
-  the whole text with CheXpert's aggregation (1 > -1 > 0).
+  the whole text with CheXpert's aggregation (1 > -1 > 0);
+- `tests/data/labeler_dev_reports_b.jsonl` ("reports_b"): 80 more whole reports written and
+  labelled by a second author who never saw the labeler or its vocabulary. It was held out
+  when it arrived (macro F1 0.947 then, keywords 0.427, negspaCy 0.691); the labeler's fixes
+  for the wordings it exposed came after, so it is no longer a held-out measure.
 `No Finding` follows CheXpert's rule (1 iff no label but Support Devices is 1 or -1).
 
 Scoring is per label over CheXpert's 14: a prediction counts as a true positive when it is set
@@ -42,6 +46,8 @@ from mgll_data.vocab import Vocabulary, load_vocabulary  # noqa: E402
 
 DEV_SET = ROOT / "tests" / "data" / "labeler_dev.jsonl"
 DEV_REPORTS = ROOT / "tests" / "data" / "labeler_dev_reports.jsonl"
+DEV_REPORTS_B = ROOT / "tests" / "data" / "labeler_dev_reports_b.jsonl"
+SET_NAMES = ("sentences", "reports", "reports_b", "all")
 CHEXPERT_14 = (
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Lesion", "Lung Opacity",
     "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
@@ -56,6 +62,17 @@ def load_dev_set(path: Path = DEV_SET) -> list[dict]:
 
 def load_dev_reports(path: Path = DEV_REPORTS) -> list[dict]:
     return load_dev_set(path)
+
+
+def load_dev_sets() -> dict[str, list[dict]]:
+    """{set name: rows}, with "all" the three sets together."""
+    sets = {
+        "sentences": load_dev_set(),
+        "reports": load_dev_reports(),
+        "reports_b": load_dev_reports(DEV_REPORTS_B),
+    }
+    sets["all"] = [row for rows in sets.values() for row in rows]
+    return sets
 
 
 class KeywordBaseline:
@@ -193,10 +210,9 @@ def systems(vocab: Vocabulary) -> list:
 
 
 def run(repeat: int = 5) -> dict:
-    """{dev-set name: {system: {table, values, macro_f1, per_s}}}, plus "all" (both sets)."""
+    """{dev-set name: {system: {table, values, macro_f1, per_s}}}, plus "all" (every set)."""
     vocab = load_vocabulary("chest_xray")
-    sets = {"sentences": load_dev_set(), "reports": load_dev_reports()}
-    sets["all"] = sets["sentences"] + sets["reports"]
+    sets = load_dev_sets()
     results: dict[str, dict] = {}
     for system in systems(vocab):
         for set_name, rows in sets.items():
@@ -226,11 +242,13 @@ def main() -> None:
     args = parser.parse_args()
     results = run(args.repeat)
     names = list(results["all"])
+    sets = load_dev_sets()
     print(
-        f"dev sets: {DEV_SET.relative_to(ROOT)} ({len(load_dev_set())} sentences), "
-        f"{DEV_REPORTS.relative_to(ROOT)} ({len(load_dev_reports())} reports)"
+        f"dev sets: {DEV_SET.relative_to(ROOT)} ({len(sets['sentences'])} sentences), "
+        f"{DEV_REPORTS.relative_to(ROOT)} ({len(sets['reports'])} reports), "
+        f"{DEV_REPORTS_B.relative_to(ROOT)} ({len(sets['reports_b'])} reports)"
     )
-    for set_name in ("sentences", "reports", "all"):
+    for set_name in SET_NAMES:
         res = results[set_name]
         print(f"\n== {set_name}: per-label P / R / F1 ==")
         print(f"{'label':27s}" + "".join(f" {n + ' P/R/F1':>19s}" for n in names) + "    n")
@@ -250,7 +268,7 @@ def main() -> None:
         extra = f"  ({results['all'][n].get('model', '')})" if n == "labeler" else ""
         print(f"{n:9s} throughput {results['reports'][n]['per_s']:,.0f} reports/s{extra}")
     if args.errors:
-        rows = load_dev_set() + load_dev_reports()
+        rows = sets["all"]
         for row, got in zip(rows, results["all"]["labeler"]["predicted"], strict=True):
             want = {k: v for k, v in row["labels"].items()}
             got = {k: v for k, v in got.items() if k in CHEXPERT_14}

@@ -19,6 +19,8 @@ Rules (per sentence, per mention):
 - A "pre" trigger covers the mentions after it up to the end of the sentence, a scope terminator
   (vocabulary), a clause break (`;`, `:`), another trigger, or `MAX_PRE_SCOPE` tokens; a "post"
   trigger covers the mentions before it in the same way within `MAX_POST_SCOPE` tokens.
+- A post trigger ending in a hedging adverb ("is likely") followed in its clause by a mention
+  hedges that mention instead: "opacity is likely atelectasis" -> opacity 1, atelectasis -1.
 - Order (CheXpert): an uncertainty trigger that contains a negation ("cannot exclude", "not
   excluded") makes the mention uncertain; else a negation makes it negative; else another
   uncertainty trigger makes it uncertain; else it is positive.
@@ -26,6 +28,9 @@ Rules (per sentence, per mention):
   cardiomegaly") give 0 / -1 directly; `mention_exclusions` ("pericardial effusion") remove the
   overlapping mention; an abbreviation defined in the text ("pneumothorax (PTX)") makes its short
   form a mention of the long form's label.
+- Statements about an organ ("heart and mediastinal contours are normal", "the heart is mildly
+  enlarged", "left lung is clear"; `mgll_data/statements.py`) give 0 for a normal state and are
+  judged like mentions for an abnormal one.
 - A positive or uncertain heart-failure mention adds an uncertain Cardiomegaly mention (CheXpert).
 - Mentions of a label marked `mentions_count_for_parent` in the vocabulary also count for its
   parent (Nodule and Mass for Lung Lesion, Pleural Thickening for Pleural Other, Infiltration for
@@ -45,6 +50,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
+from .statements import NEGATIVE_STATE, OrganStatements
 from .vocab import Vocabulary, load_vocabulary
 
 POSITIVE, NEGATIVE, UNCERTAIN = 1.0, 0.0, -1.0
@@ -78,14 +84,28 @@ PSEUDO_TRIGGERS = (
     "not well assessed",
     "not as well seen",
     "without significant change",
+    # Partly resolved is still there ("has nearly resolved, with minimal residual atelectasis").
+    "nearly resolved",
+    "almost resolved",
+    "partially resolved",
+    "partly resolved",
+    "incompletely resolved",
+    "not completely resolved",
+    "not entirely resolved",
+    "largely resolved",
+    "mostly resolved",
 )
 # Clause breaks that end any trigger's scope, besides the vocabulary's terminators.
 CLAUSE_BREAKS = (";", ":", "there", "which", "whereas")
+# "is likely" / "are probably" ...: hedge what follows when a finding follows in the clause.
+HEDGING_ADVERBS = ("likely", "probably", "possibly")
 # CheXpert: heart failure (positive or uncertain) implies possible cardiomegaly.
 HEART_FAILURE = ("chf", "heart failure", "congestive heart failure", "cardiac failure")
 NEGATION_WORDS = re.compile(r"\b(no|not|cannot|can't|n't|without|rule|ruled|exclude|excluded)\b")
 _DEID = re.compile(r"_{2,}")
 _VERSUS = re.compile(r"(?i)\b(vs)\.(?=\s)")
+# "pacemaker/ICD", "ETT/NGT": a slash between words separates them (not "s/p", "and/or").
+_WORD_SLASH = re.compile(r"(?<=[A-Za-z]{2})/(?=[A-Za-z]{2})")
 # scispaCy's abbreviation detector warns on every doc that its empty global matcher has no rules.
 warnings.filterwarnings("ignore", message=r"\[W036\]")
 
@@ -125,10 +145,11 @@ def no_finding(labels: dict[str, float]) -> float | None:
 def prepare_text(text: str) -> str:
     """Text for NLP, same length as the input: `___` -> `XXX` (a word, so it neither glues
     sentences together nor reads as punctuation), `vs.` -> `vs ` (the trigger, not a sentence
-    end), `and/or` -> `or  `."""
+    end), `and/or` -> `or  `, and a slash between words (`pacemaker/ICD`) -> a space."""
     text = _DEID.sub(lambda m: "X" * len(m.group(0)), text)
     text = _VERSUS.sub(lambda m: m.group(1) + " ", text)
-    return re.sub(r"(?i)\band/or\b", "or    ", text)
+    text = re.sub(r"(?i)\band/or\b", "or    ", text)
+    return _WORD_SLASH.sub(" ", text)
 
 
 class TextLabeler:
@@ -157,6 +178,7 @@ class TextLabeler:
         self._add("terminator", "", raw.get("scope_terminators"))
         self._add("pseudo", "", [*PSEUDO_TRIGGERS, *(raw.get("pseudo_triggers") or [])])
         self._add("heart_failure", "", HEART_FAILURE)
+        self._statements = OrganStatements(raw.get("organ_statements"), vocab.names)
         self._spacy_version = spacy.__version__
 
     def _add(self, kind: str, label: str, phrases: Iterable[str] | None) -> None:
@@ -208,6 +230,12 @@ class TextLabeler:
             kind, label = self._kinds[self.nlp.vocab.strings[key]]
             spans.setdefault(kind, []).append((start, end, label))
         spans.setdefault("mention", []).extend(self._abbreviation_mentions(doc))
+        for statement in self._statements.find(doc.text):  # "heart size is normal", ...
+            span = doc.char_span(statement.start, statement.end, alignment_mode="expand")
+            kind = "negative" if statement.kind == NEGATIVE_STATE else "mention"
+            spans.setdefault(kind, []).extend(
+                (span.start, span.end, lab) for lab in statement.labels
+            )
         excluded = [(s, e, lab) for s, e, lab in spans.get("exclude", ())]
         fixed = [(s, e, lab, NEGATIVE) for s, e, lab in spans.get("negative", ())] + [
             (s, e, lab, UNCERTAIN) for s, e, lab in spans.get("uncertain", ())
@@ -233,6 +261,7 @@ class TextLabeler:
         # A pseudo-trigger only wins against shorter triggers: "no longer" is pseudo, but
         # "is no longer seen" is a negation.
         triggers = [t for t in _longest(triggers) if t[2] != "pseudo"]
+        triggers = _hedged_predicates(doc, triggers, {s for s, _, _ in candidates})
         # A terminator right after a pre trigger belongs to it ("likely due to X", "may be
         # secondary to X"): the hedge covers X.
         pre_ends = {e for _, e, kind in triggers if kind.endswith("_pre")}
@@ -315,6 +344,26 @@ class TextLabeler:
         if unc:
             return UNCERTAIN, unc[0]
         return POSITIVE, ""
+
+
+def _hedged_predicates(doc, triggers, mention_starts: set[int]) -> list:
+    """ "X is likely Y": a post trigger ending in a hedging adverb, followed in its clause by a
+    mention, hedges that mention instead ("opacity is likely atelectasis": the atelectasis is
+    uncertain, the opacity is seen). "X is likely." keeps hedging X."""
+    result = []
+    for s, e, kind in triggers:
+        if kind == "unc_post" and doc[e - 1].lower_ in HEDGING_ADVERBS:
+            clause_end = e
+            while (
+                clause_end < len(doc)
+                and not doc[clause_end].is_punct
+                and not doc[clause_end].is_sent_start
+            ):
+                clause_end += 1
+            if any(e <= start < clause_end for start in mention_starts):
+                kind = "unc_pre"
+        result.append((s, e, kind))
+    return result
 
 
 def _comma(doc, start: int, end: int) -> bool:

@@ -37,6 +37,15 @@ def labeler():
         ("Small pericardial effusion.", {"No Finding": 1.0}),  # an exclusion, not pleural
         ("Mild edema, likely due to CHF.", {"Edema": 1.0, "Cardiomegaly": -1.0}),
         ("Pneumothorax (PTX) on the right. PTX is larger.", {"Pneumothorax": 1.0}),
+        # a hedged predicate: the opacity is seen, its cause is uncertain
+        ("Left basal opacity is likely atelectasis.", {"Lung Opacity": 1.0, "Atelectasis": -1.0}),
+        ("Atelectasis is likely the cause.", {"Atelectasis": -1.0}),
+        ("Pneumothorax is no longer visualized.", {"Pneumothorax": 0.0, "No Finding": 1.0}),
+        ("Left-sided pacemaker/ICD in place.", {"Support Devices": 1.0, "No Finding": 1.0}),
+        (
+            "Opacity has nearly resolved, with minimal residual atelectasis.",
+            {"Lung Opacity": 1.0, "Atelectasis": 1.0},
+        ),  # fmt: skip
     ],
 )
 def test_sentences(labeler, text, expected):
@@ -147,15 +156,17 @@ def test_dev_set_beats_keyword_and_negspacy_baselines():
     assert len(module.load_dev_set()) >= 150  # report sentences
     assert len(module.load_dev_reports()) >= 40  # whole reports (FINDINGS + IMPRESSION)
     results = module.run(repeat=0)
-    ours = {name: results[name]["labeler"]["macro_f1"] for name in ("sentences", "reports", "all")}
-    # Floors: measured (0.930 / 0.895 / 0.921 when written; 0.969 / 0.967 / 0.967 with the
-    # vocabulary 1.2.0 roll-ups) minus about 0.05 of the first measurement.
+    ours = {name: results[name]["labeler"]["macro_f1"] for name in module.SET_NAMES}
+    # Floors: the first measurement of each set minus about 0.05 (sentences 0.930, reports
+    # 0.895, all 0.921 when written; reports_b 0.947 while it was still held out). Measured now
+    # (vocabulary 1.2.0): 0.993 / 0.997 / 0.986 / 0.992.
     assert ours["sentences"] >= 0.88
     assert ours["reports"] >= 0.84
+    assert ours["reports_b"] >= 0.89
     assert ours["all"] >= 0.87
-    for name in ("sentences", "reports", "all"):
-        assert ours[name] >= results[name]["keywords"]["macro_f1"] + 0.3, name  # measured +0.44
-        if "negspacy" in results[name]:  # measured +0.2
+    for name in module.SET_NAMES:
+        assert ours[name] >= results[name]["keywords"]["macro_f1"] + 0.3, name  # measured +0.5
+        if "negspacy" in results[name]:  # measured +0.25
             assert ours[name] >= results[name]["negspacy"]["macro_f1"] + 0.1, name
     table = results["all"]["labeler"]["table"]
     for name in ("Pneumothorax", "Pleural Effusion", "Pneumonia", "Edema", "Consolidation",
@@ -168,7 +179,7 @@ def test_dev_set_beats_keyword_and_negspacy_baselines():
 def test_dev_sets_are_well_formed():
     module = _bench()
     allowed = set(module.CHEXPERT_14)
-    for row in module.load_dev_set() + module.load_dev_reports():
+    for row in module.load_dev_sets()["all"]:
         assert row["text"].strip() and set(row["labels"]) <= allowed, row
         assert set(row["labels"].values()) <= {1.0, 0.0, -1.0}, row
         # No Finding by CheXpert's rule, from the 13 findings.

@@ -1,0 +1,115 @@
+"""Statements about an organ rather than a named finding, for the report labeler.
+
+Radiologists often describe the heart, mediastinum or lungs instead of naming a finding: "heart
+size and mediastinal contours are within normal limits", "the heart remains moderately
+enlarged", "left lung is clear", "widening of the postoperative mediastinum". A phrase list per
+finding cannot cover the combinations (subjects joined by "and", verbs, adverbs), so the
+vocabulary's `organ_statements` block describes them as a small grammar:
+
+    SUBJECT [(, | and) SUBJECT]... [LINK] [FILLER]... STATE   "heart and mediastinum are normal"
+    NOUN of [the] [word] SUBJECT                              "enlargement of the heart"
+
+Each subject names the labels it speaks for, each state the labels it can describe; a
+statement speaks for their intersection. A state is either `negative` (a normal organ: the
+labels get 0) or `judged` (an abnormal one: the labeler's negation and uncertainty rules decide,
+so "the heart is not enlarged" is 0 and "the heart is likely enlarged" is -1).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+NEGATIVE_STATE, JUDGED_STATE = "negative", "judged"
+# A normal-state statement under one of these is no longer a plain "normal" ("not normal").
+_NEGATED_FILLER = re.compile(r"\b(not|no|never)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One statement in a text: character span, the labels it speaks for, and its kind."""
+
+    start: int
+    end: int
+    labels: tuple[str, ...]
+    kind: str  # NEGATIVE_STATE or JUDGED_STATE
+
+
+def _alternation(phrases: list[str]) -> str:
+    """A regex alternation of phrases, longest first, any whitespace between words."""
+    words = sorted({p.strip().lower() for p in phrases if p and p.strip()}, key=len, reverse=True)
+    return "|".join(r"\s+".join(re.escape(w) for w in p.split()) for p in words)
+
+
+class OrganStatements:
+    """Finds organ statements as the vocabulary's `organ_statements` block describes them."""
+
+    def __init__(self, block: Mapping[str, Any] | None, label_names: list[str]) -> None:
+        block = block or {}
+        self.subjects: dict[str, tuple[str, ...]] = {
+            " ".join(k.lower().split()): tuple(v or ())
+            for k, v in (block.get("subjects") or {}).items()
+        }
+        self.states: list[tuple[str, tuple[str, ...], list[str]]] = []
+        for entry in block.get("states") or ():
+            self.states.append((entry["value"], tuple(entry["labels"]), list(entry["phrases"])))
+        self.nouns = [(tuple(e["labels"]), list(e["phrases"])) for e in block.get("nouns") or ()]
+        known = set(label_names)
+        for labels in [*self.subjects.values(), *(s[1] for s in self.states)]:
+            unknown = set(labels) - known
+            if unknown:
+                raise ValueError(f"organ_statements names unknown labels {sorted(unknown)}")
+        for value, _, _ in self.states:
+            if value not in (NEGATIVE_STATE, JUDGED_STATE):
+                raise ValueError(f"organ_statements: state value {value!r} is not negative/judged")
+        self._subject = re.compile(rf"\b(?:the\s+)?({_alternation(list(self.subjects))})\b", re.I)
+        self._patterns = self._compile(block) if self.subjects else []
+
+    def _compile(self, block: Mapping[str, Any]) -> list[tuple[re.Pattern, str, tuple[str, ...]]]:
+        subject = rf"(?:the\s+)?(?:{_alternation(list(self.subjects))})"
+        chain = rf"{subject}(?:\s*,\s*(?:and\s+)?{subject}|\s+and\s+{subject})*"
+        link = _alternation(list(block.get("links") or ()))
+        filler = _alternation(list(block.get("fillers") or ()))
+        patterns = []
+        for value, labels, phrases in self.states:
+            state = _alternation(phrases)
+            regex = (
+                rf"\b(?P<subjects>{chain})(?P<between>(?:\s+(?:{link}))?(?:\s+(?:{filler}))*)"
+                rf"\s+(?P<state>{state})\b"
+            )
+            patterns.append((re.compile(regex, re.I), value, labels))
+        for labels, phrases in self.nouns:
+            regex = (
+                rf"\b(?P<state>{_alternation(phrases)})\s+of\s+(?:the\s+)?(?:[a-z-]+\s+)??"
+                rf"(?P<subjects>{subject})\b"
+            )
+            patterns.append((re.compile(regex, re.I), JUDGED_STATE, labels))
+        return patterns
+
+    def find(self, text: str) -> list[Statement]:
+        """Every statement in `text`; the span is the whole statement for a normal state and
+        the state words for a judged one (so triggers before them still apply)."""
+        found = []
+        for pattern, value, state_labels in self._patterns:
+            for match in pattern.finditer(text):
+                spoken = {
+                    label
+                    for name in self._subject.findall(match.group("subjects"))
+                    for label in self.subjects[" ".join(name.lower().split())]
+                }
+                labels = tuple(sorted(spoken & set(state_labels)))
+                if not labels:
+                    continue
+                if value == NEGATIVE_STATE:
+                    between = match.groupdict().get("between") or ""
+                    if _NEGATED_FILLER.search(between):
+                        continue
+                    found.append(Statement(match.start(), match.end(), labels, value))
+                else:
+                    found.append(Statement(match.start("state"), match.end("state"), labels, value))
+        return found
+
+
+__all__ = ["JUDGED_STATE", "NEGATIVE_STATE", "OrganStatements", "Statement"]

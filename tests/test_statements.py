@@ -1,0 +1,49 @@
+"""Organ statements: "heart and mediastinal contours are normal", "the heart is enlarged", ..."""
+
+from __future__ import annotations
+
+import pytest
+
+from mgll_data.labeler import default_labeler
+from mgll_data.statements import OrganStatements
+
+CM, EC, LO = "Cardiomegaly", "Enlarged Cardiomediastinum", "Lung Opacity"
+
+
+@pytest.fixture(scope="module")
+def labeler():
+    return default_labeler("chest_xray")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Heart size normal.", {CM: 0.0}),
+        ("Heart and mediastinal contours are within normal limits.", {CM: 0.0, EC: 0.0}),
+        ("The cardiac and mediastinal silhouettes are unremarkable.", {CM: 0.0, EC: 0.0}),
+        ("Heart size is top normal.", {CM: 0.0}),
+        ("The heart remains moderately enlarged.", {CM: 1.0}),
+        ("The heart is not enlarged.", {CM: 0.0}),
+        ("The heart is likely mildly enlarged.", {CM: -1.0}),
+        ("The mediastinum is widened.", {EC: 1.0}),
+        ("Mild widening of the postoperative mediastinum.", {EC: 1.0}),
+        ("No enlargement of the cardiac silhouette.", {CM: 0.0}),
+        ("Left lung is clear.", {LO: 0.0}),
+        ("The lungs are otherwise clear.", {LO: 0.0}),
+        ("The heart is not normal in size.", {}),  # a negated normal state says nothing
+        ("Lung volumes are low.", {}),  # "lung volumes" is no subject
+        ("The heart size is stable.", {}),  # no state: unlike CheXpert, not a finding
+        ("Cardiac pacemaker leads are unchanged.", {}),
+    ],
+)
+def test_organ_statements(labeler, text, expected):
+    got = {k: v for k, v in labeler.label(text).items() if k in (CM, EC, LO)}
+    assert got == expected
+
+
+def test_statement_labels_must_exist():
+    block = {"subjects": {"heart": ["Heart Thing"]}, "states": []}
+    with pytest.raises(ValueError, match="unknown labels"):
+        OrganStatements(block, ["Cardiomegaly"])
+    ok = OrganStatements(None, ["Cardiomegaly"])  # a vocabulary without the block finds nothing
+    assert ok.find("Heart size is normal.") == []
