@@ -6,7 +6,7 @@ enlarged", "left lung is clear", "widening of the postoperative mediastinum". A 
 finding cannot cover the combinations (subjects joined by "and", verbs, adverbs), so the
 vocabulary's `organ_statements` block describes them as a small grammar:
 
-    SUBJECT [(, | and) SUBJECT]... [LINK] [FILLER]... STATE   "heart and mediastinum are normal"
+    SUBJECT [(, | and) SUBJECT]... [LINK | :] [FILLER]... STATE   "heart and mediastinum are normal"
     NOUN of [the] [word] SUBJECT                              "enlargement of the heart"
 
 Each subject names the labels it speaks for, each state the labels it can describe; a
@@ -76,8 +76,9 @@ class OrganStatements:
         for value, labels, phrases in self.states:
             state = _alternation(phrases)
             regex = (
-                rf"\b(?P<subjects>{chain})(?P<between>(?:\s+(?:{link}))?(?:\s+(?:{filler}))*)"
-                rf"\s+(?P<state>{state})\b"
+                # "heart size is normal", "Heart: normal size", "silhouette is unchanged, normal"
+                rf"\b(?P<subjects>{chain})(?P<between>(?:\s*:|\s+(?:{link}))?"
+                rf"(?:\s+(?:{filler}),?)*)\s+(?P<state>{state})\b"
             )
             patterns.append((re.compile(regex, re.I), value, labels))
         for labels, phrases in self.nouns:
