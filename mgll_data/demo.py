@@ -110,12 +110,25 @@ def write_demo_release(root: Path, n: int = 200, seed: int = 0, image_size: int 
                     w, h = rng.uniform(40, 300, 2)
                     boxes.append([name, _BOX_NAME.get(finding, finding), x, y, w, h])
             image_no += 1
+    write_release_tables(root, rows, train_val, test, boxes)
+    return root
+
+
+def write_release_tables(
+    root: Path,
+    rows: list[list],
+    train_val: list[str],
+    test: list[str],
+    boxes: list[list] | None = None,
+) -> None:
+    """ChestX-ray14's tables: `Data_Entry_2017_v2020.csv` (and `BBox_List_2017.csv` when
+    `boxes` is given) in NIH's dialect, plus the two split lists."""
     with open(root / "Data_Entry_2017_v2020.csv", "w", newline="") as f:
         f.write(DATA_ENTRY_HEADER + "\n")
         csv.writer(f, lineterminator="\n").writerows(rows)
-    with open(root / "BBox_List_2017.csv", "w", newline="") as f:
-        f.write(BBOX_HEADER + "\n")
-        csv.writer(f, lineterminator="\n").writerows(boxes)
+    if boxes is not None:
+        with open(root / "BBox_List_2017.csv", "w", newline="") as f:
+            f.write(BBOX_HEADER + "\n")
+            csv.writer(f, lineterminator="\n").writerows(boxes)
     (root / "train_val_list.txt").write_text("".join(f"{r}\n" for r in train_val))
     (root / "test_list.txt").write_text("".join(f"{r}\n" for r in test))
-    return root

@@ -27,8 +27,6 @@ ChestX-ray14 reader plus the reports, which become the description and explanati
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .demo import DATA_ENTRY_HEADER, _is_test_patient
+from .demo import _is_test_patient, write_release_tables
 
 FINDINGS = (
     "Atelectasis",
@@ -254,19 +252,11 @@ def write_learnable_release(root: Path, n: int = 2000, seed: int = 0, image_size
             description, explanation = report_texts(case)
             reports.append({"image": name, "description": description, "explanation": explanation,
                             "case": case})  # fmt: skip
-    with open(root / "Data_Entry_2017_v2020.csv", "w", newline="") as f:
-        f.write(DATA_ENTRY_HEADER + "\n")
-        csv.writer(f, lineterminator="\n").writerows(rows)
-    (root / "train_val_list.txt").write_text("".join(f"{r}\n" for r in train_val))
-    (root / "test_list.txt").write_text("".join(f"{r}\n" for r in test))
+    write_release_tables(root, rows, train_val, test)
     with open(root / "reports.jsonl", "w", encoding="utf-8") as f:
         for report in reports:
             f.write(json.dumps(report, sort_keys=True) + "\n")
     return root
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def build_learnable(out: Path, n: int, seed: int, options: Any) -> Any:
