@@ -70,11 +70,19 @@ def _study_key(date: str, time: str) -> tuple[str, float]:
     return (str(date).strip(), seconds if seconds is not None else math.inf)
 
 
+def _is_data_tree(folder: Path) -> bool:
+    """A release's `files/` folder of `pXX` groups (huge: never walked). PhysioNet's own
+    `physionet.org/files/` above the releases is not one."""
+    return folder.name == "files" and any(re.fullmatch(r"p\d\d", e) for e in os.listdir(folder))
+
+
 def _find(root: Path, name: str) -> Path | None:
     """`name` or `name.gz` under root (the release folders, not their `files/` trees)."""
     for folder, dirs, names in os.walk(root):
         depth = len(Path(folder).relative_to(root).parts)
-        dirs[:] = sorted(d for d in dirs if d != "files" and not d.startswith("."))
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and not _is_data_tree(Path(folder) / d)
+        )
         if depth >= _MAX_DEPTH:
             dirs[:] = []
         for candidate in (name, f"{name}.gz"):
