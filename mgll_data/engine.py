@@ -31,7 +31,7 @@ from .pipeline import Pipeline
 from .schema import SCHEMA_VERSION, SPLITS, dumps_sorted, record_schema
 from .sources import make_source
 from .stages import BuildContext
-from .vocab import load_vocabulary
+from .vocab import Vocabulary, load_vocabulary
 from .writer import ShardPlan, ShardStats, ShardWriter, file_sha256, write_json
 
 DEFAULT_ROWS_PER_SHARD = 1000
@@ -129,10 +129,16 @@ def plan_shards(items: list[RawItem], rows_per_shard: int) -> list[tuple[ShardPl
 
 
 def _fingerprint(
-    pipeline: Pipeline, options: BuildOptions, inputs: list[Path], items: list[RawItem]
+    pipeline: Pipeline,
+    vocab: Vocabulary,
+    options: BuildOptions,
+    inputs: list[Path],
+    items: list[RawItem],
 ) -> str:
     digest = hashlib.sha256()
     digest.update(dumps_sorted(pipeline.raw).encode())
+    # the whole vocabulary: its mentions and triggers shape text-mined labels and texts
+    digest.update(dumps_sorted(vocab.raw).encode())
     digest.update(dumps_sorted(options.fingerprint_options()).encode())
     digest.update(dumps_sorted(library_versions()).encode())
     for path in inputs:
@@ -212,7 +218,7 @@ def build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> B
     if options.limit is not None:
         items = items[: options.limit]
     plans = plan_shards(items, options.rows_per_shard)
-    fingerprint = _fingerprint(pipeline, options, source.input_files(), items)
+    fingerprint = _fingerprint(pipeline, vocab, options, source.input_files(), items)
 
     output = OutputDir(out)
     finished = output.prepare(fingerprint, options.resume, options.overwrite)

@@ -240,3 +240,17 @@ def test_existing_build_needs_resume_or_overwrite(nih_kaggle, tmp_path):
         _build(nih_kaggle.root, out, limit=6, resume=True)
     _build(nih_kaggle.root, out, limit=6, overwrite=True)
     assert len(_rows(out)) == 6  # the first six ids are all good images
+
+
+def test_resume_refuses_a_changed_vocabulary(nih_kaggle, tmp_path, monkeypatch):
+    import dataclasses
+
+    from mgll_data import engine
+
+    out = tmp_path / "out"
+    _build(nih_kaggle.root, out, limit=5)
+    vocab = load_vocabulary("chest_xray")
+    changed = dataclasses.replace(vocab, raw={**vocab.raw, "scope_terminators": ["but"]})
+    monkeypatch.setattr(engine, "load_vocabulary", lambda domain: changed)
+    with pytest.raises(UserError, match="other inputs, options"):  # mined labels could differ
+        _build(nih_kaggle.root, out, limit=5, resume=True)
