@@ -48,7 +48,11 @@ def time_loss(mode: str, args: argparse.Namespace, device: torch.device) -> tupl
     loss_fn = MGLLLoss(mode=mode)
     autocast = get_autocast(args.precision, device_type=device.type)
 
+    leaves = [v for v in inputs.values() if v.requires_grad]
+
     def call() -> None:
+        for leaf in leaves:  # gradients must not pile up over the repeats
+            leaf.grad = None
         with autocast():
             out = loss_fn(**inputs)
         out["loss"].backward()
@@ -64,8 +68,22 @@ def time_loss(mode: str, args: argparse.Namespace, device: torch.device) -> tupl
         times.append(time.perf_counter() - started)
     with profile() as prof:
         call()
-    ops = sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
-    return statistics.median(times), ops
+    return statistics.median(times), _top_level_aten_ops(prof.events())
+
+
+def _top_level_aten_ops(events) -> int:
+    """Operators not called by another operator, forward and backward (backward ones sit
+    under `autograd::engine::evaluate_function`, which is not an operator)."""
+
+    def nested(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    return sum(1 for e in events if e.name.startswith("aten::") and not nested(e))
 
 
 def main() -> None:

@@ -19,8 +19,9 @@ Rules (per sentence, per mention):
 - A "pre" trigger covers the mentions after it up to the end of the sentence, a scope terminator
   (vocabulary), a clause break (`;`, `:`), another trigger, or `MAX_PRE_SCOPE` tokens; a "post"
   trigger covers the mentions before it in the same way within `MAX_POST_SCOPE` tokens.
-- A post trigger ending in a hedging adverb ("is likely") followed in its clause by a mention
-  hedges that mention instead: "opacity is likely atelectasis" -> opacity 1, atelectasis -1.
+- A post trigger ending in a hedging adverb ("is likely") directly followed by a mention hedges
+  that mention (to the end of its clause) instead: "opacity is likely atelectasis" -> opacity
+  1, atelectasis -1; "pneumonia is likely present at the base" still hedges the pneumonia.
 - Order (CheXpert): an uncertainty trigger that contains a negation ("cannot exclude", "not
   excluded") makes the mention uncertain; else a negation makes it negative; else another
   uncertainty trigger makes it uncertain; else it is positive.
@@ -97,8 +98,16 @@ PSEUDO_TRIGGERS = (
 )
 # Clause breaks that end any trigger's scope, besides the vocabulary's terminators.
 CLAUSE_BREAKS = (";", ":", "there", "which", "whereas")
-# "is likely" / "are probably" ...: hedge what follows when a finding follows in the clause.
+# "is likely" / "are probably" ...: hedge what follows when a finding follows right after.
 HEDGING_ADVERBS = ("likely", "probably", "possibly")
+MAX_HEDGE_BRIDGE = 3
+HEDGE_BRIDGE_WORDS = frozenset(
+    "a an the some due to secondary related from representing reflecting mild minimal small "
+    "early developing subsegmental focal patchy residual compressive dependent basilar "
+    "bibasilar bilateral left right linear plate-like discoid mildly moderately slightly "
+    "minimally markedly severely somewhat old new healed healing prior chronic acute recent "
+    "underlying".split()
+)
 # CheXpert: heart failure (positive or uncertain) implies possible cardiomegaly.
 HEART_FAILURE = ("chf", "heart failure", "congestive heart failure", "cardiac failure")
 NEGATION_WORDS = re.compile(r"\b(no|not|cannot|can't|n't|without|rule|ruled|exclude|excluded)\b")
@@ -230,12 +239,14 @@ class TextLabeler:
             kind, label = self._kinds[self.nlp.vocab.strings[key]]
             spans.setdefault(kind, []).append((start, end, label))
         spans.setdefault("mention", []).extend(self._abbreviation_mentions(doc))
+        statement_spans = set()  # normal-organ statements: they never decide other mentions
         for statement in self._statements.find(doc.text):  # "heart size is normal", ...
             span = doc.char_span(statement.start, statement.end, alignment_mode="expand")
             kind = "negative" if statement.kind == NEGATIVE_STATE else "mention"
-            spans.setdefault(kind, []).extend(
-                (span.start, span.end, lab) for lab in statement.labels
-            )
+            found = [(span.start, span.end, lab) for lab in statement.labels]
+            spans.setdefault(kind, []).extend(found)
+            if kind == "negative":
+                statement_spans.update(found)
         excluded = [(s, e, lab) for s, e, lab in spans.get("exclude", ())]
         fixed = [(s, e, lab, NEGATIVE) for s, e, lab in spans.get("negative", ())] + [
             (s, e, lab, UNCERTAIN) for s, e, lab in spans.get("uncertain", ())
@@ -266,6 +277,7 @@ class TextLabeler:
         # secondary to X"): the hedge covers X.
         pre_ends = {e for _, e, kind in triggers if kind.endswith("_pre")}
         triggers = [t for t in triggers if not (t[2] == "terminator" and t[0] in pre_ends)]
+        terminators = [t for t in triggers if t[2] == "terminator"]
         heart_failure = {(s, e) for s, e, _ in _maximal(spans.get("heart_failure", []))}
         result: list[Mention] = []
         for s, e, lab in fixed_spans:
@@ -279,9 +291,11 @@ class TextLabeler:
                 gap = doc[fe:s]
                 if (
                     fl == lab
+                    and (fs, fe, fl) not in statement_spans
                     and 0 <= s - fe <= MAX_PHRASE_GAP
-                    and all(t.is_alpha for t in gap)
+                    and all(t.is_alpha and t.lower_ not in CLAUSE_BREAKS for t in gap)
                     and not any(t.is_sent_start for t in doc[fe : s + 1])
+                    and not any(fe <= ts and te <= s for ts, te, k in terminators)
                 ):
                     value, cue = fixed_value[(fs, fe, fl)], "phrase"
             result.append(Mention(lab, value, s, e, doc[s:e].text, cue))
@@ -347,23 +361,30 @@ class TextLabeler:
 
 
 def _hedged_predicates(doc, triggers, mention_starts: set[int]) -> list:
-    """ "X is likely Y": a post trigger ending in a hedging adverb, followed in its clause by a
-    mention, hedges that mention instead ("opacity is likely atelectasis": the atelectasis is
-    uncertain, the opacity is seen). "X is likely." keeps hedging X."""
-    result = []
+    """ "X is likely Y": a post trigger ending in a hedging adverb, directly followed by a
+    mention (at most `MAX_HEDGE_BRIDGE` bridge words such as "a", "mild", "due to" between),
+    hedges that mention instead ("opacity is likely atelectasis": the atelectasis is uncertain,
+    the opacity is seen), up to the end of its clause. "X is likely." and "X is likely present
+    at the base" keep hedging X."""
+    result, clause_ends = [], []
     for s, e, kind in triggers:
         if kind == "unc_post" and doc[e - 1].lower_ in HEDGING_ADVERBS:
-            clause_end = e
-            while (
-                clause_end < len(doc)
-                and not doc[clause_end].is_punct
-                and not doc[clause_end].is_sent_start
+            first = next((m for m in sorted(mention_starts) if m >= e), None)
+            bridge = doc[e:first] if first is not None else None
+            if (
+                bridge is not None
+                and len(bridge) <= MAX_HEDGE_BRIDGE
+                and all(t.lower_ in HEDGE_BRIDGE_WORDS for t in bridge)
+                and not doc[first].is_sent_start
             ):
-                clause_end += 1
-            if any(e <= start < clause_end for start in mention_starts):
                 kind = "unc_pre"
+                end = first
+                while end < len(doc) and not doc[end].is_punct and not doc[end].is_sent_start:
+                    end += 1
+                if end < len(doc) and doc[end].sent == doc[s].sent:
+                    clause_ends.append((end, end + 1, "terminator"))
         result.append((s, e, kind))
-    return result
+    return result + clause_ends
 
 
 def _comma(doc, start: int, end: int) -> bool:

@@ -290,7 +290,7 @@ def load_official_rules(path: str | Path) -> tuple[dict[str, tuple[int, int]], d
                 ):
                     try:
                         tables[target.id] = ast.literal_eval(node.value)
-                    except ValueError:
+                    except (ValueError, TypeError):
                         raise UserError(
                             f"{path}: {target.id} is not a literal dict of study ids"
                         ) from None
@@ -300,11 +300,14 @@ def load_official_rules(path: str | Path) -> tuple[dict[str, tuple[int, int]], d
             f"{path}: expected the official section_parser.py with dict literals "
             f"custom_indices and custom_section_names; {', '.join(missing)} not found"
         )
-    try:
-        indices = {str(k): (int(v[0]), int(v[1])) for k, v in tables["custom_indices"].items()}
-        names = {str(k): str(v).lower() for k, v in tables["custom_section_names"].items()}
-    except (TypeError, ValueError, IndexError):
-        raise UserError(
-            f"{path}: custom_indices must map study ids to [start, end] pairs"
-        ) from None
+    indices: dict[str, tuple[int, int]] = {}
+    for study, pair in tables["custom_indices"].items():
+        ok = isinstance(pair, list | tuple) and len(pair) == 2
+        if not ok or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair):
+            raise UserError(
+                f"{path}: custom_indices must map study ids to [start, end] pairs of integers "
+                f"({study!r}: {pair!r})"
+            )
+        indices[str(study)] = (pair[0], pair[1])
+    names = {str(k): str(v).lower() for k, v in tables["custom_section_names"].items()}
     return indices, names

@@ -27,14 +27,29 @@ NEGATIVE_STATE, JUDGED_STATE = "negative", "judged"
 _NEGATED_FILLER = re.compile(r"\b(not|no|never)\b", re.IGNORECASE)
 
 
+# What may follow a state: the end of a clause, or a word that starts a new one. Anything else
+# means the state word belongs to the next noun ("heart size is stable, large effusion") or to
+# a range ("top normal to mildly enlarged"), which is not a plain statement.
+_CLAUSE_END = (
+    r"(?=\s*(?:[.,;:!?)]|$)|\s+(?:and|but|with|without|compared|since|when|which|although|"
+    r"though|however|as|on|in|at|for|given|from|relative|allowing|accounting)\b)"
+)
+# A subject with neither a link nor a colon must open its clause ("Heart size normal.", not
+# "mildly enlarged heart normal lungs").
+_CLAUSE_OPENERS = ".;:!?(\n"
+
+
 @dataclass(frozen=True)
 class Statement:
-    """One statement in a text: character span, the labels it speaks for, and its kind."""
+    """One statement in a text: the span the labeler uses (the whole statement for a normal
+    state, the state words for a judged one), the whole match, and the labels it speaks for."""
 
     start: int
     end: int
     labels: tuple[str, ...]
     kind: str  # NEGATIVE_STATE or JUDGED_STATE
+    match_start: int
+    match_end: int
 
 
 def _alternation(phrases: list[str]) -> str:
@@ -57,28 +72,34 @@ class OrganStatements:
             self.states.append((entry["value"], tuple(entry["labels"]), list(entry["phrases"])))
         self.nouns = [(tuple(e["labels"]), list(e["phrases"])) for e in block.get("nouns") or ()]
         known = set(label_names)
-        for labels in [*self.subjects.values(), *(s[1] for s in self.states)]:
+        named = [*self.subjects.values(), *(s[1] for s in self.states), *(n[0] for n in self.nouns)]
+        for labels in named:
             unknown = set(labels) - known
             if unknown:
                 raise ValueError(f"organ_statements names unknown labels {sorted(unknown)}")
-        for value, _, _ in self.states:
+        for value, _, phrases in self.states:
             if value not in (NEGATIVE_STATE, JUDGED_STATE):
                 raise ValueError(f"organ_statements: state value {value!r} is not negative/judged")
+            if not _alternation(phrases):
+                raise ValueError("organ_statements: a state without phrases")
         self._subject = re.compile(rf"\b(?:the\s+)?({_alternation(list(self.subjects))})\b", re.I)
         self._patterns = self._compile(block) if self.subjects else []
 
     def _compile(self, block: Mapping[str, Any]) -> list[tuple[re.Pattern, str, tuple[str, ...]]]:
         subject = rf"(?:the\s+)?(?:{_alternation(list(self.subjects))})"
         chain = rf"{subject}(?:\s*,\s*(?:and\s+)?{subject}|\s+and\s+{subject})*"
+        # Optional groups only for non-empty lists: an empty alternation inside a repetition
+        # would backtrack exponentially on long runs of spaces.
         link = _alternation(list(block.get("links") or ()))
+        link = rf"(?P<link>\s*:|\s+(?:{link}))?" if link else r"(?P<link>\s*:)?"
         filler = _alternation(list(block.get("fillers") or ()))
+        fillers = rf"(?:\s+(?:{filler}),?)*" if filler else ""
         patterns = []
         for value, labels, phrases in self.states:
-            state = _alternation(phrases)
+            # "heart size is normal", "Heart: normal size", "silhouette is unchanged, normal"
             regex = (
-                # "heart size is normal", "Heart: normal size", "silhouette is unchanged, normal"
-                rf"\b(?P<subjects>{chain})(?P<between>(?:\s*:|\s+(?:{link}))?"
-                rf"(?:\s+(?:{filler}),?)*)\s+(?P<state>{state})\b"
+                rf"\b(?P<subjects>{chain})(?P<between>{link}{fillers})"
+                rf"\s+(?P<state>{_alternation(phrases)})\b{_CLAUSE_END}"
             )
             patterns.append((re.compile(regex, re.I), value, labels))
         for labels, phrases in self.nouns:
@@ -90,8 +111,7 @@ class OrganStatements:
         return patterns
 
     def find(self, text: str) -> list[Statement]:
-        """Every statement in `text`; the span is the whole statement for a normal state and
-        the state words for a judged one (so triggers before them still apply)."""
+        """Every statement in `text` (see `Statement` for the spans)."""
         found = []
         for pattern, value, state_labels in self._patterns:
             for match in pattern.finditer(text):
@@ -101,15 +121,20 @@ class OrganStatements:
                     for label in self.subjects[" ".join(name.lower().split())]
                 }
                 labels = tuple(sorted(spoken & set(state_labels)))
-                if not labels:
-                    continue
-                if value == NEGATIVE_STATE:
-                    between = match.groupdict().get("between") or ""
-                    if _NEGATED_FILLER.search(between):
+                if not labels or "\n\n" in match.group(0).replace(" ", ""):
+                    continue  # no label in common, or across a paragraph break
+                groups = match.groupdict()
+                if "link" in groups and not groups["link"]:
+                    before = text[: match.start()].rstrip(" \t")
+                    if before and before[-1] not in _CLAUSE_OPENERS:
                         continue
-                    found.append(Statement(match.start(), match.end(), labels, value))
+                if value == NEGATIVE_STATE:
+                    if _NEGATED_FILLER.search(groups.get("between") or ""):
+                        continue
+                    span = (match.start(), match.end())
                 else:
-                    found.append(Statement(match.start("state"), match.end("state"), labels, value))
+                    span = (match.start("state"), match.end("state"))
+                found.append(Statement(*span, labels, value, match.start(), match.end()))
         return found
 
 

@@ -107,4 +107,7 @@ def load_vocabulary(domain: str) -> Vocabulary:
             raise ValueError(f"{path}: {label.name!r} has unknown parent {label.parent!r}")
         if label.mentions_count_for_parent and label.parent is None:
             raise ValueError(f"{path}: {label.name!r} counts mentions for a parent it lacks")
+        if label.mentions_count_for_parent and vocab.label(label.parent).mentions_count_for_parent:
+            # the labeler rolls mentions up one level; a chain would depend on label order
+            raise ValueError(f"{path}: {label.name!r}: mentions_count_for_parent is one level only")
     return vocab

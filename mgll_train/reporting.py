@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,15 +27,26 @@ def tensorboard_available() -> bool:
 
 
 def numeric_leaves(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
-    """Flatten nested metric dicts to `a/b/c` → finite float, skipping lists and text."""
+    """Flatten nested metric dicts to `a/b/c` → float, skipping lists, text and booleans."""
     for key, value in tree.items():
         name = f"{prefix}/{key}" if prefix else str(key)
         if isinstance(value, Mapping):
             yield from numeric_leaves(value, name)
         elif isinstance(value, bool):
             continue
-        elif isinstance(value, int | float) and math.isfinite(value):
-            yield name, float(value)
+        elif isinstance(value, int | float):
+            yield name, float(value)  # NaN/inf included: a diverging run must show
+
+
+def check_report_to(report_to: str) -> None:
+    """Fail fast (on every rank, before any model is built) when `report_to` cannot be met."""
+    if report_to not in REPORT_CHOICES:
+        raise ReportError(f"--report-to {report_to!r}: expected one of {REPORT_CHOICES}")
+    if report_to == "tensorboard" and not tensorboard_available():
+        raise ReportError(
+            "--report-to tensorboard: the tensorboard package is not installed "
+            "(pip install tensorboard, or --report-to none)"
+        )
 
 
 class MetricsReporter:
@@ -45,21 +55,19 @@ class MetricsReporter:
     Only the master process makes one; `close()` flushes the event file.
     """
 
-    def __init__(self, run_root: Path, report_to: str = "auto") -> None:
-        if report_to not in REPORT_CHOICES:
-            raise ReportError(f"--report-to {report_to!r}: expected one of {REPORT_CHOICES}")
+    def __init__(
+        self, run_root: Path, report_to: str = "auto", purge_step: int | None = None
+    ) -> None:
+        check_report_to(report_to)
         self.jsonl = Path(run_root) / "metrics.jsonl"
         self.writer = None
-        wants_tb = report_to == "tensorboard" or (report_to == "auto" and tensorboard_available())
-        if wants_tb:
-            if not tensorboard_available():
-                raise ReportError(
-                    "--report-to tensorboard: the tensorboard package is not installed "
-                    "(pip install tensorboard, or --report-to none)"
-                )
+        if report_to == "tensorboard" or (report_to == "auto" and tensorboard_available()):
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_root) / "tensorboard"))
+            # On resume, events after the checkpoint's step are dropped rather than doubled.
+            self.writer = SummaryWriter(
+                log_dir=str(Path(run_root) / "tensorboard"), purge_step=purge_step
+            )
 
     @property
     def tensorboard_dir(self) -> Path | None:
@@ -96,6 +104,7 @@ class MetricsReporter:
 
 __all__ = [
     "REPORT_CHOICES",
+    "check_report_to",
     "MetricsReporter",
     "ReportError",
     "numeric_leaves",

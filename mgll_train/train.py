@@ -33,7 +33,7 @@ from .data import MgllDataset, SampleTransform, TruncationStats
 from .feed import make_feed
 from .loss import MGLLLoss
 from .model import DEFAULT_LOGIT_BIAS, clamp_logit_scale, create_model
-from .reporting import MetricsReporter
+from .reporting import MetricsReporter, check_report_to
 
 log = logging.getLogger("mgll_train")
 
@@ -123,6 +123,7 @@ class _StopFlag:
 
 def fit(args: argparse.Namespace) -> Path:
     """Train as `args` says; return the run directory."""
+    check_report_to(args.report_to)  # every rank, before any work
     dist = init_distributed_device_so(device=args.device)
     device = torch.device(dist["device"])
     rank, world_size = dist["global_rank"], dist["world_size"]
@@ -226,7 +227,11 @@ def fit(args: argparse.Namespace) -> Path:
             "rng": rng_state(),
         }
 
-    reporter = MetricsReporter(run.root, args.report_to) if is_master else None
+    reporter = (
+        MetricsReporter(run.root, args.report_to, purge_step=step + 1 if args.resume else None)
+        if is_master
+        else None
+    )
     try:
         stop = _StopFlag()
         stop.install()

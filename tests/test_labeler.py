@@ -40,6 +40,14 @@ def labeler():
         # a hedged predicate: the opacity is seen, its cause is uncertain
         ("Left basal opacity is likely atelectasis.", {"Lung Opacity": 1.0, "Atelectasis": -1.0}),
         ("Atelectasis is likely the cause.", {"Atelectasis": -1.0}),
+        (  # only a finding right after "is likely" takes the hedge, to the end of its clause
+            "Pneumonia is likely present at the right base with small effusion.",
+            {"Pneumonia": -1.0, "Pleural Effusion": 1.0},
+        ),
+        (
+            "Opacity is likely atelectasis, with small effusion.",
+            {"Lung Opacity": 1.0, "Atelectasis": -1.0, "Pleural Effusion": 1.0},
+        ),
         ("Pneumothorax is no longer visualized.", {"Pneumothorax": 0.0, "No Finding": 1.0}),
         ("Left-sided pacemaker/ICD in place.", {"Support Devices": 1.0, "No Finding": 1.0}),
         (

@@ -12,8 +12,8 @@ from mgll_train.reporting import MetricsReporter, ReportError, numeric_leaves
 
 
 def test_numeric_leaves_flattens_and_skips_non_numbers():
-    tree = {"a": 1, "b": {"c": 2.5, "d": [1, 2], "e": "x", "f": float("nan")}, "g": True}
-    assert dict(numeric_leaves(tree)) == {"a": 1.0, "b/c": 2.5}
+    tree = {"a": 1, "b": {"c": 2.5, "d": [1, 2], "e": "x", "f": float("inf")}, "g": True}
+    assert dict(numeric_leaves(tree)) == {"a": 1.0, "b/c": 2.5, "b/f": float("inf")}
 
 
 def test_tensorboard_mirrors_train_and_eval_records(tmp_path):
@@ -54,3 +54,6 @@ def test_missing_package(tmp_path, monkeypatch):
     assert quiet.tensorboard_dir is None
     with pytest.raises(ReportError, match="tensorboard package is not installed"):
         MetricsReporter(tmp_path, "tensorboard")
+    with pytest.raises(ReportError, match="tensorboard package is not installed"):
+        reporting.check_report_to("tensorboard")  # what fit() runs first, on every rank
+    reporting.check_report_to("auto")

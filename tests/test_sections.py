@@ -123,6 +123,10 @@ def test_official_rules_bad_file(tmp_path):
     path.write_text("def broken(:\n")
     with pytest.raises(UserError, match="section_parser.py: cannot read"):
         load_official_rules(path)
-    path.write_text("custom_indices = {'s1': 'x'}\ncustom_section_names = {}\n")
-    with pytest.raises(UserError, match=r"\[start, end\] pairs"):
+    for bad in ("'x'", "'12'", "[1, 2, 3]", "[1.0, 2]"):
+        path.write_text(f"custom_indices = {{'s1': {bad}}}\ncustom_section_names = {{}}\n")
+        with pytest.raises(UserError, match=r"\[start, end\] pairs"):
+            load_official_rules(path)
+    path.write_text("custom_indices = {[1]: 2}\ncustom_section_names = {}\n")  # unhashable key
+    with pytest.raises(UserError, match="not a literal dict"):
         load_official_rules(path)

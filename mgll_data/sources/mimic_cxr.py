@@ -73,7 +73,12 @@ def _study_key(date: str, time: str) -> tuple[str, float]:
 def _is_data_tree(folder: Path) -> bool:
     """A release's `files/` folder of `pXX` groups (huge: never walked). PhysioNet's own
     `physionet.org/files/` above the releases is not one."""
-    return folder.name == "files" and any(re.fullmatch(r"p\d\d", e) for e in os.listdir(folder))
+    if folder.name != "files":
+        return False
+    try:
+        return any(re.fullmatch(r"p\d\d", entry) for entry in os.listdir(folder))
+    except OSError:  # unreadable: os.walk would skip it too
+        return True
 
 
 def _find(root: Path, name: str) -> Path | None:
@@ -128,13 +133,13 @@ class MimicCxrSource(Source):
             k: (int(v[0]), int(v[1])) for k, v in (sections.get("special_indices") or {}).items()
         }
         self.special_names = dict(sections.get("special_section_names") or {})
-        rules = self.options.get("section_rules", sections.get("official_rules"))
-        self.section_rules = Path(rules).expanduser() if rules else None
+        self.section_rules = self._section_rules_path(sections.get("official_rules"))
         if self.section_rules is not None:
             official_indices, official_names = load_official_rules(self.section_rules)
-            # the pipeline's own entries win over the official table's
-            self.special_indices = {**official_indices, **self.special_indices}
-            self.special_names = {**official_names, **self.special_names}
+            # the pipeline's own entries win over the official ones, whichever table they are in
+            own = set(self.special_indices) | set(self.special_names)
+            self.special_indices |= {k: v for k, v in official_indices.items() if k not in own}
+            self.special_names |= {k: v for k, v in official_names.items() if k not in own}
         self.metadata = _find(self.root, METADATA)
         self.split_file = _find(self.root, SPLIT)
         self.label_file = (
@@ -246,6 +251,16 @@ class MimicCxrSource(Source):
         return result
 
     # -- pieces -----------------------------------------------------------------------------
+    def _section_rules_path(self, from_pipeline: str | None) -> Path | None:
+        """`--section-rules` (relative to the working directory) or the pipeline's
+        `sections.official_rules` (relative to the pipeline file)."""
+        if self.options.get("section_rules"):
+            return Path(self.options["section_rules"]).expanduser()
+        if not from_pipeline:
+            return None
+        path = Path(from_pipeline).expanduser()
+        return path if path.is_absolute() else Path(self.pipeline.path).parent / path
+
     def _check_layout(self) -> None:
         missing = []
         if self.metadata is None:
