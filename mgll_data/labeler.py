@@ -115,6 +115,15 @@ _DEID = re.compile(r"_{2,}")
 _VERSUS = re.compile(r"(?i)\b(vs)\.(?=\s)")
 # "pacemaker/ICD", "ETT/NGT": a slash between words separates them (not "s/p", "and/or").
 _WORD_SLASH = re.compile(r"(?<=[A-Za-z]{2})/(?=[A-Za-z]{2})")
+# Sections that state the question, not the answer ("INDICATION: evaluate for pneumothorax"):
+# their text is not labelled, as CheXpert labels only what the radiologist reports. A section
+# runs to the next capitalised header or blank line.
+_REQUEST_SECTION = re.compile(
+    r"(?m)^[ \t]*(?:INDICATION|HISTORY|CLINICAL HISTORY|CLINICAL INDICATION|CLINICAL INFORMATION|"
+    r"REASON FOR (?:THE )?(?:EXAM|EXAMINATION|STUDY)|CLINICAL QUESTION)[ \t]*:"
+    r"(?P<body>.*?)(?=\n[ \t]*\n|\n?[ \t]*[A-Z][A-Z ()/,&-]{2,}:|\Z)",
+    re.DOTALL,
+)
 # scispaCy's abbreviation detector warns on every doc that its empty global matcher has no rules.
 warnings.filterwarnings("ignore", message=r"\[W036\]")
 
@@ -154,11 +163,19 @@ def no_finding(labels: dict[str, float]) -> float | None:
 def prepare_text(text: str) -> str:
     """Text for NLP, same length as the input: `___` -> `XXX` (a word, so it neither glues
     sentences together nor reads as punctuation), `vs.` -> `vs ` (the trigger, not a sentence
-    end), `and/or` -> `or  `, and a slash between words (`pacemaker/ICD`) -> a space."""
+    end), `and/or` -> `or  `, a slash between words (`pacemaker/ICD`) -> a space, and the body
+    of an INDICATION/HISTORY-like section -> spaces (the question, not the findings)."""
     text = _DEID.sub(lambda m: "X" * len(m.group(0)), text)
     text = _VERSUS.sub(lambda m: m.group(1) + " ", text)
     text = re.sub(r"(?i)\band/or\b", "or    ", text)
+    text = _REQUEST_SECTION.sub(_blank_body, text)
     return _WORD_SLASH.sub(" ", text)
+
+
+def _blank_body(match: re.Match) -> str:
+    """The header kept, its body replaced by spaces (line breaks kept, so offsets hold)."""
+    head = match.group(0)[: match.start("body") - match.start()]
+    return head + re.sub(r"[^\n]", " ", match.group("body"))
 
 
 class TextLabeler:

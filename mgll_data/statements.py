@@ -7,6 +7,7 @@ finding cannot cover the combinations (subjects joined by "and", verbs, adverbs)
 vocabulary's `organ_statements` block describes them as a small grammar:
 
     SUBJECT [(, | and) SUBJECT]... [LINK | :] [FILLER]... STATE   "heart and mediastinum are normal"
+    ADJECTIVE SUBJECT [(, | and) SUBJECT]...                  "normal heart size and contours"
     NOUN of [the] [word] SUBJECT                              "enlargement of the heart"
 
 Each subject names the labels it speaks for, each state the labels it can describe; a
@@ -71,8 +72,15 @@ class OrganStatements:
         for entry in block.get("states") or ():
             self.states.append((entry["value"], tuple(entry["labels"]), list(entry["phrases"])))
         self.nouns = [(tuple(e["labels"]), list(e["phrases"])) for e in block.get("nouns") or ()]
+        self.adjectives = [
+            (tuple(e["labels"]), list(e["phrases"])) for e in block.get("adjectives") or ()
+        ]
         known = set(label_names)
-        named = [*self.subjects.values(), *(s[1] for s in self.states), *(n[0] for n in self.nouns)]
+        named = [
+            *self.subjects.values(),
+            *(s[1] for s in self.states),
+            *(n[0] for n in [*self.nouns, *self.adjectives]),
+        ]
         for labels in named:
             unknown = set(labels) - known
             if unknown:
@@ -102,6 +110,10 @@ class OrganStatements:
                 rf"\s+(?P<state>{_alternation(phrases)})\b{_CLAUSE_END}"
             )
             patterns.append((re.compile(regex, re.I), value, labels))
+        for labels, phrases in self.adjectives:
+            # "normal heart size and mediastinal contours": the whole chain is normal
+            regex = rf"\b(?P<state>{_alternation(phrases)})\s+(?P<subjects>{chain})\b"
+            patterns.append((re.compile(regex, re.I), NEGATIVE_STATE, labels))
         for labels, phrases in self.nouns:
             regex = (
                 rf"\b(?P<state>{_alternation(phrases)})\s+of\s+(?:the\s+)?(?:[a-z-]+\s+)??"

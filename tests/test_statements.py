@@ -38,7 +38,10 @@ def labeler():
         ("The heart size is stable, large left pleural effusion.", {}),
         ("Mediastinal contours are unchanged, widened right paratracheal stripe.", {}),
         ("Enlarged heart\n\nNormal pulmonary vascularity.", {CM: 1.0}),
-        ("Mildly enlarged heart normal lungs", {CM: 1.0}),
+        (
+            "Mildly enlarged heart normal lungs",
+            {CM: 1.0, LO: 0.0},
+        ),  # "heart normal" is no statement
         ("Heart size is top normal to mildly enlarged.", {CM: -1.0}),  # a range: uncertain
         ("Heart: Normal size.", {CM: 0.0}),
         # a normal statement never decides a later mention ("except for", "but there is")
