@@ -43,14 +43,12 @@ _CLAUSE_OPENERS = ".;:!?(\n"
 @dataclass(frozen=True)
 class Statement:
     """One statement in a text: the span the labeler uses (the whole statement for a normal
-    state, the state words for a judged one), the whole match, and the labels it speaks for."""
+    state, the state words for a judged one) and the labels it speaks for."""
 
     start: int
     end: int
     labels: tuple[str, ...]
     kind: str  # NEGATIVE_STATE or JUDGED_STATE
-    match_start: int
-    match_end: int
 
 
 def _alternation(phrases: list[str]) -> str:
@@ -146,7 +144,7 @@ class OrganStatements:
                     span = (match.start(), match.end())
                 else:
                     span = (match.start("state"), match.end("state"))
-                found.append(Statement(*span, labels, value, match.start(), match.end()))
+                found.append(Statement(*span, labels, value))
         return found
 
 
