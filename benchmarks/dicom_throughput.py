@@ -14,44 +14,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (
-    ExplicitVRLittleEndian,
-    JPEG2000Lossless,
-    RLELossless,
-    generate_uid,
-)
+from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from mgll_data.dicom import process_dicom
 from mgll_data.images import ImagePolicy
 from mgll_data.synthetic import synthetic_radiograph
 
-DX = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
-
-
-def make_dx(pixels: np.ndarray, photometric: str) -> Dataset:
-    """A minimal DX For Presentation dataset around 12-bit pixels."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DX
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = DX, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.ViewPosition, ds.PresentationIntentType = "DX", "PA", "FOR PRESENTATION"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.WindowCenter, ds.WindowWidth = 2048, 4096
-    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
-    ds.PixelData = pixels.tobytes()
-    return ds
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.dicom_fixture import make_dx  # noqa: E402  (the test suite's DX generator)
 
 
 def write_files(folder: Path, n: int, size: tuple[int, int]) -> dict[str, list[Path]]:
@@ -66,7 +43,16 @@ def write_files(folder: Path, n: int, size: tuple[int, int]) -> dict[str, list[P
             pixels = (4095 - pixels).astype(np.uint16)
         for name, syntax in (("uncompressed", None), ("RLE lossless", RLELossless),
                              ("JPEG 2000 lossless", JPEG2000Lossless)):  # fmt: skip
-            ds = make_dx(pixels, photometric)
+            ds = make_dx(
+                pixels,
+                photometric=photometric,
+                phi=False,
+                ViewPosition="PA",
+                WindowCenter=2048,
+                WindowWidth=4096,
+                RescaleSlope=1,
+                RescaleIntercept=0,
+            )
             try:
                 if syntax is not None:
                     ds.compress(syntax)
