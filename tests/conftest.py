@@ -1,6 +1,9 @@
 """Shared test setup: offline Hugging Face libraries and generated ChestX-ray14 releases."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 # Before anything imports datasets/huggingface_hub: never touch the network in tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,6 +14,21 @@ import pytest  # noqa: E402
 from tests.nih_fixture import make_release  # noqa: E402
 
 NIH_ROWS = 300
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_module(module: str, args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """`python -m module args...` from the repository root, offline, one BLAS thread each
+    (several run side by side on a 2-core machine); output captured as text."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +22,7 @@ from mgll_train.evaluate import (
     retrieval_metrics,
     weighted_auroc,
 )
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import run_module
 
 
 def _scores_with_ties(seed: int, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
@@ -141,15 +138,7 @@ def test_patient_subset_is_patient_level_with_a_positive_per_label():
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, "-m", "mgll_train", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_module("mgll_train", args, timeout=300)
 
 
 @pytest.fixture(scope="module")

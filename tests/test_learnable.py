@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mgll_data.learnable import FINDINGS, render, report_texts, sample_case
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import run_module
 
 
 def test_cases_co_occur_and_are_imbalanced():
@@ -47,15 +44,7 @@ def test_each_finding_changes_the_image_and_the_finer_texts():
 
 
 def _run(module: str, args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_module(module, args, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import torch
 from mgll_data.demo import write_demo_release
 from mgll_data.engine import BuildOptions, build
 from mgll_data.pipeline import load_pipeline
+from tests.conftest import run_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,15 +50,7 @@ def _fit_args(dataset: Path, logs: Path, name: str, *extra: str, batch_size: int
 
 
 def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-m", "mgll_train", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        **kwargs,
-    )
+    return run_module("mgll_train", args, **kwargs)
 
 
 def _metrics(run: Path) -> list[dict]:
