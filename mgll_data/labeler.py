@@ -205,6 +205,9 @@ class TextLabeler:
         self._add("pseudo", "", [*PSEUDO_TRIGGERS, *(raw.get("pseudo_triggers") or [])])
         self._add("heart_failure", "", HEART_FAILURE)
         self._statements = OrganStatements(raw.get("organ_statements"), vocab.names)
+        self._rollups = [
+            (lab.name, lab.parent) for lab in vocab.labels if lab.mentions_count_for_parent
+        ]
         self._spacy_version = spacy.__version__
 
     def _add(self, kind: str, label: str, phrases: Iterable[str] | None) -> None:
@@ -233,9 +236,9 @@ class TextLabeler:
         by_label: dict[str, list[float]] = {}
         for mention in self._mentions(doc):
             by_label.setdefault(mention.label, []).append(mention.value)
-        for label in self.vocab.labels:  # "nodule" also speaks for Lung Lesion
-            if label.mentions_count_for_parent and label.name in by_label:
-                by_label.setdefault(label.parent, []).extend(by_label[label.name])
+        for child, parent in self._rollups:  # "nodule" also speaks for Lung Lesion
+            if child in by_label:
+                by_label.setdefault(parent, []).extend(by_label[child])
         labels: dict[str, float] = {}
         for name in self.vocab.names:
             if name == NO_FINDING:
@@ -384,9 +387,10 @@ def _hedged_predicates(doc, triggers, mention_starts: set[int]) -> list:
     the opacity is seen), up to the end of its clause. "X is likely." and "X is likely present
     at the base" keep hedging X."""
     result, clause_ends = [], []
+    starts = sorted(mention_starts)
     for s, e, kind in triggers:
         if kind == "unc_post" and doc[e - 1].lower_ in HEDGING_ADVERBS:
-            first = next((m for m in sorted(mention_starts) if m >= e), None)
+            first = next((m for m in starts if m >= e), None)
             bridge = doc[e:first] if first is not None else None
             if (
                 bridge is not None
