@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -160,6 +160,16 @@ def no_finding(labels: dict[str, float]) -> float | None:
     return POSITIVE
 
 
+def restrict_labels(labels: dict[str, float], allowed: Collection[str]) -> dict[str, float]:
+    """`labels` kept to `allowed`, with No Finding recomputed over them by CheXpert's rule
+    (when `allowed` has it): "emphysema" alone is a finding among all labels, none among
+    CheXpert's 14."""
+    kept = {k: v for k, v in labels.items() if k in allowed and k != NO_FINDING}
+    if NO_FINDING in allowed and no_finding(kept) is not None:
+        kept[NO_FINDING] = POSITIVE
+    return kept
+
+
 def prepare_text(text: str) -> str:
     """Text for NLP, same length as the input: `___` -> `XXX` (a word, so it neither glues
     sentences together nor reads as punctuation), `vs.` -> `vs ` (the trigger, not a sentence
@@ -247,9 +257,8 @@ class TextLabeler:
             if value is not None:
                 labels[name] = value
         if self.only is not None:  # No Finding then speaks for these labels only, as CheXpert's
-            labels = {k: v for k, v in labels.items() if k in self.only}
-        wanted = self.only is None or NO_FINDING in self.only
-        if wanted and NO_FINDING in self.vocab.names and no_finding(labels) is not None:
+            return restrict_labels(labels, self.only)
+        if NO_FINDING in self.vocab.names and no_finding(labels) is not None:
             labels[NO_FINDING] = POSITIVE
         return labels
 

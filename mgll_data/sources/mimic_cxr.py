@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..items import ImageRef, QuarantineEntry, RawItem
-from ..labeler import NO_FINDING, TextLabeler, no_finding
+from ..labeler import TextLabeler, restrict_labels
 from ..sections import conclusion, load_official_rules, section_report
 from .base import ScanResult, Source
 from .tables import read_csv_table
@@ -318,10 +318,7 @@ class MimicCxrSource(Source):
         # CheXpert on an empty conclusion (a report that states no findings): only No Finding.
         labels = self.labeler().label(text) if text else {"No Finding": 1.0}
         if csv_labels is not None:  # a fallback asserts only what the CSV would have
-            allowed = set(self.label_map.values())
-            labels = {k: v for k, v in labels.items() if k in allowed and k != NO_FINDING}
-            if NO_FINDING in allowed and no_finding(labels) is not None:
-                labels[NO_FINDING] = 1.0  # CheXpert's rule over the CSV's labels only
+            labels = restrict_labels(labels, set(self.label_map.values()))
         return labels, "text"
 
     def labeler(self) -> TextLabeler:
