@@ -71,6 +71,7 @@ class MetricsReporter:
 
     @property
     def tensorboard_dir(self) -> Path | None:
+        """Where event files go, or None when TensorBoard is off."""
         return Path(self.writer.log_dir) if self.writer is not None else None
 
     def train(self, record: Mapping[str, Any], step: int) -> None:
@@ -84,6 +85,7 @@ class MetricsReporter:
         self._scalars("val", metrics, step)
 
     def close(self) -> None:
+        """Flush and close the event file (metrics.jsonl is appended line by line)."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None
