@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from mgll_data.demo import write_demo_release
-from mgll_data.engine import BuildOptions, build
-from mgll_data.pipeline import load_pipeline
+from mgll_data.build.engine import BuildOptions, build
+from mgll_data.build.pipeline import load_pipeline
+from mgll_data.demo.nih_release import write_demo_release
 from mgll_train import data
 from mgll_train.data import SampleTransform, make_dataset
 from mgll_train.model import create_model

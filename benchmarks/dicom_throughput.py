@@ -3,7 +3,7 @@
 Generates full-size 12-bit DX radiographs (synthetic content, MONOCHROME2 and MONOCHROME1) in
 several transfer syntaxes and times, per file and in the same process:
   - bare decoding: `pydicom.dcmread(path).pixel_array` (the floor: every file is decoded once),
-  - the stage: `mgll_data.dicom.process_dicom` (decode, modality LUT, window, polarity, resize to
+  - the stage: `mgll_data.imaging.dicom.process_dicom` (decode, modality LUT, window, polarity, resize to
     512, PNG encode),
 and prints ms per image for both, images/s of the stage, and the ratio.
 
@@ -23,9 +23,9 @@ import numpy as np
 import pydicom
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from mgll_data.dicom import process_dicom
-from mgll_data.images import ImagePolicy
-from mgll_data.synthetic import synthetic_radiograph
+from mgll_data.demo.synthetic import synthetic_radiograph
+from mgll_data.imaging.dicom import process_dicom
+from mgll_data.imaging.raster import ImagePolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.dicom_fixture import make_dx  # noqa: E402  (the test suite's DX generator)

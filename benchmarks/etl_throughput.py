@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mgll_data.demo import BBOX_HEADER, DATA_ENTRY_HEADER, sample_findings
-from mgll_data.engine import BuildOptions, build
-from mgll_data.images import ImagePolicy, process_image
-from mgll_data.pipeline import load_pipeline
-from mgll_data.synthetic import synthetic_radiograph
+from mgll_data.build.engine import BuildOptions, build
+from mgll_data.build.pipeline import load_pipeline
+from mgll_data.demo.nih_release import BBOX_HEADER, DATA_ENTRY_HEADER, sample_findings
+from mgll_data.demo.synthetic import synthetic_radiograph
+from mgll_data.imaging.raster import ImagePolicy, process_image
 
 
 def _make_image(args: tuple[int, int, int]) -> tuple[bytes, bytes, str]:
@@ -137,8 +137,8 @@ def throughput(root: Path, count: int, workers: int) -> None:
 _PEAK = """
 import resource, sys
 from pathlib import Path
-from mgll_data.engine import BuildOptions, build
-from mgll_data.pipeline import load_pipeline
+from mgll_data.build.engine import BuildOptions, build
+from mgll_data.build.pipeline import load_pipeline
 build(load_pipeline("chestxray14"), Path(sys.argv[1]), Path(sys.argv[2]),
       BuildOptions(progress=False, rows_per_shard=50))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

@@ -49,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mgll_data.labeler import TextLabeler, aggregate, no_finding, prepare_text  # noqa: E402
+from mgll_data.text.labeler import TextLabeler, aggregate, no_finding, prepare_text  # noqa: E402
 from mgll_data.vocab import Vocabulary, load_vocabulary  # noqa: E402
 
 DEV_SET = ROOT / "tests" / "data" / "labeler_dev.jsonl"

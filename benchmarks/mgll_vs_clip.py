@@ -56,8 +56,8 @@ def build_data(work: Path, n: int, seed: int) -> Path:
     out = work / "data"
     if (out / "README.md").is_file():
         return out
-    from mgll_data.engine import BuildOptions
-    from mgll_data.learnable import build_learnable
+    from mgll_data.build.engine import BuildOptions
+    from mgll_data.demo.controlled_task import build_learnable
 
     build_learnable(out, n, seed, BuildOptions(image_size=64, progress=False, overwrite=True))
     return out

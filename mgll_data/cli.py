@@ -191,7 +191,7 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_options(args: argparse.Namespace):
-    from .engine import BuildOptions
+    from .build.engine import BuildOptions
 
     return BuildOptions(
         image_size=args.image_size,
@@ -216,7 +216,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit status. User errors raise UserError."""
     args = _parser().parse_args(argv)
     if args.command == "list":
-        from .pipeline import available_pipelines, load_pipeline
+        from .build.pipeline import available_pipelines, load_pipeline
 
         for path in available_pipelines():
             pipeline = load_pipeline(str(path))
@@ -225,11 +225,11 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(f"{pipeline.name:16} {pipeline.domain:11} {redistribution:28} {licence['id']}")
         return 0
     if args.command in ("build", "demo"):
-        from .engine import build
-        from .pipeline import load_pipeline
+        from .build.engine import build
+        from .build.pipeline import load_pipeline
 
         if args.command == "demo" and args.learnable:  # issue 5
-            from .learnable import build_learnable
+            from .demo.controlled_task import build_learnable
 
             args.overwrite = not args.resume
             print(f"writing a learnable synthetic release of {args.n} images to {args.out}/_raw")
@@ -237,7 +237,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             print("\n".join(summary.lines()))
             return 0
         if args.command == "demo":
-            from .demo import write_demo_release
+            from .demo.nih_release import write_demo_release
 
             # The demo is disposable: it always regenerates its release and replaces its build.
             root = args.out / "_raw"
@@ -251,24 +251,24 @@ def run(argv: Sequence[str] | None = None) -> int:
         summary = build(pipeline, root, args.out, _build_options(args))
         print("\n".join(summary.lines()))
         if getattr(args, "push_to_hub", None):
-            from .hub import push
+            from .publish.hub import push
 
             push(args.out, args.push_to_hub, private=args.private, token=args.token)
         return 0
     if args.command == "push":
-        from .hub import push
+        from .publish.hub import push
 
         push(
             args.out, args.repo_id, private=args.private, token=args.token, card_only=args.card_only
         )
         return 0
     if args.command == "merge":
-        from .merge import merge
+        from .publish.merge import merge
 
         print("\n".join(merge(args.inputs, args.out, overwrite=args.overwrite)))
         return 0
     if args.command == "export":
-        from .export import export
+        from .publish.export import export
 
         lines = export(
             args.out,
@@ -282,7 +282,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         print("\n".join(lines))
         return 0
     if args.command == "validate":
-        from .inspect import validate_dataset
+        from .publish.inspect import validate_dataset
 
         problems = validate_dataset(args.out)
         for problem in problems:
@@ -291,7 +291,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"{args.out}: {verdict}")
         return 1 if problems else 0
     if args.command == "info":
-        from .inspect import dataset_info
+        from .publish.inspect import dataset_info
 
         print(dataset_info(args.out))
         return 0

@@ -322,7 +322,7 @@ def _handler(hub: FakeHub):
 
 def write_release(root):
     """A 24-image synthetic ChestX-ray14-shaped release (small images: fast builds)."""
-    from mgll_data.demo import write_demo_release
+    from mgll_data.demo.nih_release import write_demo_release
 
     if not root.exists():
         write_demo_release(root, n=24, seed=0, image_size=128)
@@ -333,7 +333,7 @@ def pipeline_variant(folder, name="chestxray14", **licence):
     """The shipped chestxray14 pipeline YAML with another name and/or licence, as a file."""
     import yaml
 
-    from mgll_data.pipeline import load_pipeline
+    from mgll_data.build.pipeline import load_pipeline
 
     raw = dict(load_pipeline("chestxray14").raw)
     raw["name"] = name
@@ -345,8 +345,8 @@ def pipeline_variant(folder, name="chestxray14", **licence):
 
 def build_dataset(release, out, pipeline="chestxray14", rows_per_shard=4):
     """Build `pipeline` (name or YAML path) from `release` into `out` with 64-pixel images."""
-    from mgll_data.engine import BuildOptions, build
-    from mgll_data.pipeline import load_pipeline
+    from mgll_data.build.engine import BuildOptions, build
+    from mgll_data.build.pipeline import load_pipeline
 
     options = BuildOptions(
         image_size=64, rows_per_shard=rows_per_shard, overwrite=True, progress=False

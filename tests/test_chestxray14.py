@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mgll_data.engine import BuildOptions, build
+from mgll_data.build.engine import BuildOptions, build
+from mgll_data.build.pipeline import load_pipeline
 from mgll_data.errors import UserError
-from mgll_data.inspect import validate_dataset
-from mgll_data.pipeline import load_pipeline
+from mgll_data.publish.inspect import validate_dataset
 from mgll_data.schema import read_mgll_metadata
 from mgll_data.sources import make_source
 from mgll_data.sources.chestxray14 import parse_age

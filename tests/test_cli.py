@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mgll_data.demo import write_demo_release
+from mgll_data.demo.nih_release import write_demo_release
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,9 +15,9 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from mgll_data.dicom import WHITELIST, process_dicom
 from mgll_data.errors import ItemError
-from mgll_data.images import ImagePolicy
+from mgll_data.imaging.dicom import WHITELIST, process_dicom
+from mgll_data.imaging.raster import ImagePolicy
 from tests.dicom_fixture import DX_PROCESSING, PHI, chest, make_dx, to_bytes
 
 FULL = ImagePolicy(image_size=4096)  # no resizing: pixel-exact comparisons

@@ -143,9 +143,9 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> tuple[Path, Path]:
-    from mgll_data.demo import write_demo_release
-    from mgll_data.engine import BuildOptions, build
-    from mgll_data.pipeline import load_pipeline
+    from mgll_data.build.engine import BuildOptions, build
+    from mgll_data.build.pipeline import load_pipeline
+    from mgll_data.demo.nih_release import write_demo_release
 
     root = tmp_path_factory.mktemp("eval")
     raw = write_demo_release(root / "raw", n=80, seed=5, image_size=96)

@@ -17,11 +17,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from mgll_data.engine import BuildOptions, build
+from mgll_data.build.engine import BuildOptions, build
+from mgll_data.build.pipeline import load_pipeline
 from mgll_data.errors import UserError
-from mgll_data.inspect import validate_dataset
-from mgll_data.merge import merge
-from mgll_data.pipeline import load_pipeline
+from mgll_data.publish.inspect import validate_dataset
+from mgll_data.publish.merge import merge
 from mgll_data.sources import make_source
 from mgll_data.sources.fundus import hash_split, split_keywords
 from mgll_data.vocab import load_vocabulary

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mgll_data.card import split_card
+from mgll_data.publish.card import split_card
 from tests.fake_hub import FakeHub, build_dataset, pipeline_variant, write_release
 
 TOKEN = "hf_SECRETtoken0123456789"

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mgll_data.errors import ItemError
-from mgll_data.images import ImagePolicy, process_image, target_size
+from mgll_data.imaging.raster import ImagePolicy, process_image, target_size
 
 
 def _encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -90,7 +90,7 @@ def test_bad_files_raise_item_errors(tmp_path):
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 5), (40, 64), (33, 17, 3)])
 def test_fast_png_round_trips_through_pillow(shape):
-    from mgll_data.png import encode_png
+    from mgll_data.imaging.png import encode_png
 
     pixels = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
     image = _decode(encode_png(pixels))

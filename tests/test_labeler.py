@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mgll_data.labeler import aggregate, default_labeler, no_finding, prepare_text
+from mgll_data.text.labeler import aggregate, default_labeler, no_finding, prepare_text
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "labeler_dev.py"
 CHEXPERT_LIKE = (
@@ -76,7 +76,7 @@ def test_child_mentions_that_count_for_the_parent(labeler):
 
 
 def test_no_finding_speaks_for_the_chosen_labels():
-    from mgll_data.labeler import TextLabeler
+    from mgll_data.text.labeler import TextLabeler
 
     text = "Emphysema. No acute process."
     everything = default_labeler("chest_xray").label(text)

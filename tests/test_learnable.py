@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from mgll_data.learnable import FINDINGS, render, report_texts, sample_case
+from mgll_data.demo.controlled_task import FINDINGS, render, report_texts, sample_case
 from tests.conftest import run_module
 
 

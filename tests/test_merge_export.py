@@ -16,9 +16,9 @@ from PIL import Image
 
 from mgll_data.cli import main
 from mgll_data.errors import UserError
-from mgll_data.export import export, sample_key
-from mgll_data.inspect import read_card_header
-from mgll_data.merge import merge
+from mgll_data.publish.export import export, sample_key
+from mgll_data.publish.inspect import read_card_header
+from mgll_data.publish.merge import merge
 from tests.fake_hub import build_dataset, pipeline_variant, write_release
 
 
@@ -67,7 +67,7 @@ def test_merge_gives_a_config_per_source_and_a_default_of_all(two, work):
     ]
     manifest = json.loads((merged / "_build" / "manifest.json").read_text())
     assert len(manifest["licenses"]) == 2 and manifest["complete"]
-    from mgll_data.inspect import validate_dataset
+    from mgll_data.publish.inspect import validate_dataset
 
     assert validate_dataset(merged) == []
     from mgll_train.data import resolve_data

@@ -10,11 +10,11 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 
-from mgll_data.engine import BuildOptions, build
+from mgll_data.build.engine import BuildOptions, build
+from mgll_data.build.pipeline import load_pipeline
 from mgll_data.errors import UserError
-from mgll_data.inspect import validate_dataset
-from mgll_data.merge import merge
-from mgll_data.pipeline import load_pipeline
+from mgll_data.publish.inspect import validate_dataset
+from mgll_data.publish.merge import merge
 from mgll_data.schema import read_mgll_metadata
 from mgll_data.sources.midrc import combine, parse_list
 from mgll_data.vocab import load_vocabulary

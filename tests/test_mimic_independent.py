@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import load_dataset
 
-from mgll_data.engine import BuildOptions, build
-from mgll_data.pipeline import load_pipeline
+from mgll_data.build.engine import BuildOptions, build
+from mgll_data.build.pipeline import load_pipeline
 from mgll_data.vocab import load_vocabulary
 
 SCRIPT = Path(__file__).parent / "independent" / "mimic_release.py"

@@ -7,9 +7,9 @@ import math
 import pyarrow as pa
 from datasets import Image, Value
 
-from mgll_data.pipeline import load_pipeline
+from mgll_data.build.pipeline import load_pipeline
 from mgll_data.schema import record_schema, validate_row
-from mgll_data.text import describe_labels, explain_labels, format_category
+from mgll_data.text.templates import describe_labels, explain_labels, format_category
 from mgll_data.vocab import load_vocabulary
 
 VOCAB = load_vocabulary("chest_xray")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mgll_data.errors import UserError
-from mgll_data.sections import conclusion, load_official_rules, normalise_name, section_report
+from mgll_data.text.sections import conclusion, load_official_rules, normalise_name, section_report
 from tests.mimic_fixture import REPORT_A, REPORT_B, REPORT_C, REPORT_F
 
 

@@ -8,9 +8,9 @@ import math
 
 from PIL import Image
 
-from mgll_data.images import ImagePolicy
-from mgll_data.items import ImageRef, RawItem
-from mgll_data.stages import BuildContext, Task, build_texts, run_task
+from mgll_data.build.items import ImageRef, RawItem
+from mgll_data.build.stages import BuildContext, Task, build_texts, run_task
+from mgll_data.imaging.raster import ImagePolicy
 from mgll_data.vocab import load_vocabulary
 from tests.dicom_fixture import chest, make_dx, to_bytes
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mgll_data.labeler import default_labeler
-from mgll_data.statements import OrganStatements
+from mgll_data.text.labeler import default_labeler
+from mgll_data.text.statements import OrganStatements
 
 CM, EC, LO = "Cardiomegaly", "Enlarged Cardiomediastinum", "Lung Opacity"
 

@@ -14,9 +14,9 @@ import open_clip
 import pytest
 import torch
 
-from mgll_data.demo import write_demo_release
-from mgll_data.engine import BuildOptions, build
-from mgll_data.pipeline import load_pipeline
+from mgll_data.build.engine import BuildOptions, build
+from mgll_data.build.pipeline import load_pipeline
+from mgll_data.demo.nih_release import write_demo_release
 from tests.conftest import run_module
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mgll_data.demo import write_demo_release
-from mgll_data.engine import BuildOptions, build
-from mgll_data.pipeline import load_pipeline
+from mgll_data.build.engine import BuildOptions, build
+from mgll_data.build.pipeline import load_pipeline
+from mgll_data.demo.nih_release import write_demo_release
 from mgll_train.data import (
     MgllDataset,
     ParquetRecords,

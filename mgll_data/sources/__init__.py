@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..build.pipeline import Pipeline
 from ..errors import UserError
-from ..pipeline import Pipeline
 from ..vocab import Vocabulary
 from .base import ScanResult, Source
 from .chestxray14 import ChestXray14Source

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from ..build.items import ImageRef, QuarantineEntry, RawItem
+from ..build.pipeline import Pipeline
+from ..build.stages import Task
 from ..errors import UserError
-from ..items import ImageRef, QuarantineEntry, RawItem
-from ..pipeline import Pipeline
-from ..stages import Task
 from ..vocab import Vocabulary
 
 

@@ -12,8 +12,8 @@ import os
 import re
 from pathlib import Path
 
+from ..build.items import ImageRef, QuarantineEntry, RawItem
 from ..errors import UserError
-from ..items import ImageRef, QuarantineEntry, RawItem
 from .base import ScanResult, Source
 from .splits import hash_fraction
 from .tables import read_csv_table, read_list_file

@@ -32,8 +32,8 @@ from typing import Any
 
 import pandas as pd
 
+from ..build.items import ImageRef, QuarantineEntry, RawItem
 from ..errors import UserError
-from ..items import ImageRef, QuarantineEntry, RawItem
 from .base import ScanResult, Source
 from .splits import hash_split
 from .tables import read_csv_table, require_columns

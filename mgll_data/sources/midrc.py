@@ -63,9 +63,9 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from ..build.items import ImageRef, QuarantineEntry, RawItem
+from ..build.stages import Task
 from ..errors import UserError
-from ..items import ImageRef, QuarantineEntry, RawItem
-from ..stages import Task
 from .base import ScanResult, Source
 from .splits import hash_split
 from .tables import read_csv_table

@@ -10,7 +10,7 @@ one folder; each is found by its file names. One item per metadata row (image):
 - image: `files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg` (`--images jpg`, default) or the MIMIC-CXR
   `.dcm` / `.dcm.gz` (`--images dicom`); `--views PA,AP` keeps only those ViewPositions;
 - report: `files/pXX/pSUBJECT/sSTUDY.txt` or the same member of `mimic-cxr-reports.zip` (read in
-  place); sectioned by `mgll_data.sections`; all non-empty sections go to `item.sections`;
+  place); sectioned by `mgll_data.text.sections`; all non-empty sections go to `item.sections`;
 - labels: `--labels chexpert` (default) / `negbio` from the study-level CSVs (1/0/-1, blank = not
   mentioned), or `text` (the project's extractor on the report's conclusion). A study absent from
   the label CSV is mined from its report text when the pipeline's `labels.missing` is `text`
@@ -27,10 +27,10 @@ import re
 import zipfile
 from pathlib import Path
 
+from ..build.items import ImageRef, QuarantineEntry, RawItem
 from ..errors import UserError
-from ..items import ImageRef, QuarantineEntry, RawItem
-from ..labeler import TextLabeler, restrict_labels
-from ..sections import conclusion, load_official_rules, section_report
+from ..text.labeler import TextLabeler, restrict_labels
+from ..text.sections import conclusion, load_official_rules, section_report
 from .base import ScanResult, Source
 from .tables import read_csv_table
 
@@ -368,7 +368,7 @@ class MimicCxrSource(Source):
 
 def conclusion_text(sections: dict[str, str], order: tuple[str, ...] = ()) -> str:
     """The text labels are mined from: the conclusion (as the official CSVs were made)."""
-    from ..sections import Sectioned
+    from ..text.sections import Sectioned
 
     return conclusion(Sectioned(sections=sections), order)[0]
 

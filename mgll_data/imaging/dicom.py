@@ -40,8 +40,8 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from .errors import ItemError
-from .images import EncodedImage, ImagePolicy, normalise_mode, resize_and_encode
+from ..errors import ItemError
+from .raster import EncodedImage, ImagePolicy, normalise_mode, resize_and_encode
 
 # Header fields copied into `extra`. Nothing identifying: no names, IDs, accession numbers,
 # dates/times, UIDs, institutions, ages or free-text comments. Study/Series descriptions are

@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
-from .resources import resource_dir
+from ..errors import UserError
+from ..resources import resource_dir
 
 REDISTRIBUTION = ("public", "noncommercial", "none")
 

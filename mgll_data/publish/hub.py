@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .writer import file_sha256
+from ..build.writer import file_sha256
+from ..errors import UserError
 
 # Folders of a built dataset that are published; everything else (notably `_build/`) is not.
 PUBLISHED = ("data", "figures")

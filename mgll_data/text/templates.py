@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .vocab import Vocabulary
+from ..vocab import Vocabulary
 
 NO_FINDING = "No Finding"
 

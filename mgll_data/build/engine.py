@@ -21,17 +21,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-from . import __version__
-from .card import write_card
-from .errors import UserError
+from .. import __version__
+from ..publish.card import write_card
+from ..errors import UserError
 from .executors import run_tasks
-from .images import ImagePolicy
+from ..imaging.raster import ImagePolicy
 from .items import QuarantineEntry, RawItem
 from .pipeline import Pipeline
-from .schema import SCHEMA_VERSION, SPLITS, dumps_sorted, record_schema
-from .sources import make_source
+from ..schema import SCHEMA_VERSION, SPLITS, dumps_sorted, record_schema
+from ..sources import make_source
 from .stages import BuildContext
-from .vocab import Vocabulary, load_vocabulary
+from ..vocab import Vocabulary, load_vocabulary
 from .writer import ShardPlan, ShardStats, ShardWriter, file_sha256, write_json
 
 DEFAULT_ROWS_PER_SHARD = 1000

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from .errors import UserError
-from .schema import SPLITS, read_mgll_metadata, record_schema, validate_row
-from .writer import ROW_GROUP_SIZE, file_sha256
+from ..build.writer import ROW_GROUP_SIZE, file_sha256
+from ..errors import UserError
+from ..schema import SPLITS, read_mgll_metadata, record_schema, validate_row
 
 
 def read_card_header(out: Path) -> dict[str, Any]:

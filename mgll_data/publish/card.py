@@ -12,10 +12,10 @@ from typing import Any
 
 import yaml
 
-from .pipeline import Pipeline
-from .schema import SPLITS, record_schema
-from .vocab import Vocabulary
-from .writer import ShardPlan, ShardStats
+from ..build.pipeline import Pipeline
+from ..build.writer import ShardPlan, ShardStats
+from ..schema import SPLITS, record_schema
+from ..vocab import Vocabulary
 
 # Licence ids the Hugging Face Hub knows; anything else is published as `other` with a name.
 _HUB_LICENSES = {

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ItemError
+from ..errors import ItemError
 from .png import encode_png
 
 # Modes whose samples do not fit in 8 bits; they are rescaled explicitly (Pillow's convert clips).

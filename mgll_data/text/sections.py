@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 # A header at a line start: capitals with a few punctuation characters, then a colon.
 _HEADER = re.compile(r"(?m)^[ \t]*([A-Z][A-Z ()/,&-]{0,60}?)[ \t]*:(?=\s|[A-Za-z_]|$)[ \t]*")

@@ -20,12 +20,12 @@ from typing import Any
 import pyarrow.parquet as pq
 import yaml
 
+from ..build.writer import file_sha256, write_json
+from ..errors import UserError
+from ..schema import SPLITS, read_mgll_metadata, record_schema
 from .card import _HUB_LICENSES, _TEXT_KINDS
-from .errors import UserError
 from .hub import read_manifest
 from .inspect import read_card_header
-from .schema import SPLITS, read_mgll_metadata, record_schema
-from .writer import file_sha256, write_json
 
 MUST_AGREE = ("schema_version", "domain", "vocab_version", "label_names")
 

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from .errors import UserError
+from ..errors import UserError
+from ..schema import SPLITS
 from .inspect import read_card_header
-from .schema import SPLITS
 
 FORMATS = ("webdataset", "mgll-json")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)

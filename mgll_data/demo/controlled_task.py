@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .demo import _is_test_patient, write_release_tables
+from .nih_release import _is_test_patient, write_release_tables
 
 FINDINGS = (
     "Atelectasis",
@@ -263,8 +263,8 @@ def build_learnable(out: Path, n: int, seed: int, options: Any) -> Any:
     """Write the release under ``out/_raw`` and build it with the `learnable` pipeline."""
     import shutil
 
-    from .engine import build
-    from .pipeline import load_pipeline
+    from ..build.engine import build
+    from ..build.pipeline import load_pipeline
 
     root = out / "_raw"
     shutil.rmtree(root, ignore_errors=True)

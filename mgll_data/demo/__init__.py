@@ -1,0 +1,1 @@
+"""Synthetic releases for trying the tool: the ChestX-ray14-shaped demo and the learnable task."""

@@ -1,0 +1,1 @@
+"""The image stages: raster images (decode, normalise, resize, encode) and DICOM."""

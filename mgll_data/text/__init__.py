@@ -1,0 +1,1 @@
+"""Text mining of reports: sectioning, label extraction (the labeler), label-only text templates."""
