@@ -3,8 +3,8 @@
 Generates full-size 12-bit DX radiographs (synthetic content, MONOCHROME2 and MONOCHROME1) in
 several transfer syntaxes and times, per file and in the same process:
   - bare decoding: `pydicom.dcmread(path).pixel_array` (the floor: every file is decoded once),
-  - the stage: `mgll_data.imaging.dicom.process_dicom` (decode, modality LUT, window, polarity, resize to
-    512, PNG encode),
+  - the stage: `mgll_data.imaging.dicom.process_dicom` (decode, modality LUT, window, polarity,
+    resize to 512, PNG encode),
 and prints ms per image for both, images/s of the stage, and the ratio.
 
 Usage: python benchmarks/dicom_throughput.py [--n 6] [--size 2500x2048]

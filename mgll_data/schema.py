@@ -17,12 +17,8 @@ import pyarrow as pa
 import yaml
 from datasets import Features, Image, List, Value
 
+from .record import LABEL_VALUES, MGLL_METADATA_KEY, SCHEMA_VERSION
 from .resources import resource_dir
-
-SCHEMA_VERSION = 1
-MGLL_METADATA_KEY = b"mgll"
-SPLITS = ("train", "validation", "test")
-LABEL_VALUES = (1.0, 0.0, -1.0)
 
 
 @dataclass(frozen=True)
@@ -116,14 +112,6 @@ def record_schema(num_labels: int) -> RecordSchema:
 def dumps_sorted(value: Any) -> str:
     """JSON with sorted keys and no NaN (the only JSON this project writes)."""
     return json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False)
-
-
-def read_mgll_metadata(schema: pa.Schema, where: str) -> dict[str, Any]:
-    """Return the `mgll` block from a shard's Arrow schema, or raise naming the file."""
-    raw = (schema.metadata or {}).get(MGLL_METADATA_KEY)
-    if raw is None:
-        raise ValueError(f"{where}: no 'mgll' metadata in the Parquet schema (not an mgll shard?)")
-    return json.loads(raw)
 
 
 def validate_row(

@@ -19,7 +19,7 @@ from mgll_data.build.engine import BuildOptions, build
 from mgll_data.build.pipeline import load_pipeline
 from mgll_data.errors import UserError
 from mgll_data.publish.inspect import validate_dataset
-from mgll_data.schema import read_mgll_metadata
+from mgll_data.record import read_mgll_metadata
 from mgll_data.sources import make_source
 from mgll_data.sources.chestxray14 import parse_age
 from mgll_data.vocab import load_vocabulary

@@ -15,7 +15,7 @@ from mgll_data.build.pipeline import load_pipeline
 from mgll_data.errors import UserError
 from mgll_data.publish.inspect import validate_dataset
 from mgll_data.publish.merge import merge
-from mgll_data.schema import read_mgll_metadata
+from mgll_data.record import read_mgll_metadata
 from mgll_data.sources.midrc import combine, parse_list
 from mgll_data.vocab import load_vocabulary
 from tests.dicom_fixture import PHI

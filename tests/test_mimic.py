@@ -15,7 +15,7 @@ import pytest
 from mgll_data.build.engine import BuildOptions, build
 from mgll_data.build.pipeline import load_pipeline
 from mgll_data.errors import UserError
-from mgll_data.schema import read_mgll_metadata
+from mgll_data.record import read_mgll_metadata
 from mgll_data.sources import make_source
 from mgll_data.sources.mimic_cxr import parse_study_time
 from mgll_data.vocab import load_vocabulary

@@ -28,7 +28,8 @@ from .executors import run_tasks
 from ..imaging.raster import ImagePolicy
 from .items import QuarantineEntry, RawItem
 from .pipeline import Pipeline
-from ..schema import SCHEMA_VERSION, SPLITS, dumps_sorted, record_schema
+from ..schema import dumps_sorted, record_schema
+from ..record import SCHEMA_VERSION, SPLITS
 from ..sources import make_source
 from .stages import BuildContext
 from ..vocab import Vocabulary, load_vocabulary

@@ -14,7 +14,8 @@ import yaml
 
 from ..build.pipeline import Pipeline
 from ..build.writer import ShardPlan, ShardStats
-from ..schema import SPLITS, record_schema
+from ..record import SPLITS
+from ..schema import record_schema
 from ..vocab import Vocabulary
 
 # Licence ids the Hugging Face Hub knows; anything else is published as `other` with a name.

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..errors import UserError
-from ..schema import SPLITS
+from ..record import SPLITS
 from .inspect import read_card_header
 
 FORMATS = ("webdataset", "mgll-json")

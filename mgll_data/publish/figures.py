@@ -19,8 +19,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from ..record import TEXT_COLUMNS
+
 CONTEXT = 77
-TEXT_COLUMNS = ("text_category", "text_description", "text_explanation")
 SAMPLE_IMAGES = 8
 EXAMPLE_ROWS = 3
 _PIECES = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+")

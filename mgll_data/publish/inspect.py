@@ -14,7 +14,8 @@ import yaml
 
 from ..build.writer import ROW_GROUP_SIZE, file_sha256
 from ..errors import UserError
-from ..schema import SPLITS, read_mgll_metadata, record_schema, validate_row
+from ..record import SPLITS, read_mgll_metadata
+from ..schema import record_schema, validate_row
 
 
 def read_card_header(out: Path) -> dict[str, Any]:

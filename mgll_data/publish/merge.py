@@ -22,7 +22,8 @@ import yaml
 
 from ..build.writer import file_sha256, write_json
 from ..errors import UserError
-from ..schema import SPLITS, read_mgll_metadata, record_schema
+from ..record import SPLITS, read_mgll_metadata
+from ..schema import record_schema
 from .card import _HUB_LICENSES, _TEXT_KINDS
 from .hub import read_manifest
 from .inspect import read_card_header
