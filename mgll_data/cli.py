@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--n", type=_positive_int, default=200, help="number of images (200)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    demo.add_argument(  # issue 5
+    demo.add_argument(
         "--learnable",
         action="store_true",
         help="a controlled task: 64-px images whose findings leave distinct visual signs, with "
@@ -228,7 +228,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         from .build.engine import build
         from .build.pipeline import load_pipeline
 
-        if args.command == "demo" and args.learnable:  # issue 5
+        if args.command == "demo" and args.learnable:
             from .demo.controlled_task import build_learnable
 
             args.overwrite = not args.resume

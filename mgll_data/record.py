@@ -4,7 +4,7 @@
 values, granularities and the `mgll` metadata block from here, so the contract is declared once.
 This module is light on purpose (no `datasets`, no torch): the trainer imports it at start-up.
 The full column list with types lives in `schemas/record_v1.yaml` (see `mgll_data.schema`);
-`docs/record.md` explains every field.
+`docs/architecture.md` ("The record") explains every field.
 """
 
 from __future__ import annotations

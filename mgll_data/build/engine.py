@@ -1,6 +1,6 @@
 """The build engine: Source -> stages -> records -> shards, with manifest, quarantine and resume.
 
-Output is deterministic (DESIGN §3): items are sorted by id, each split's items are cut into
+Output is deterministic: items are sorted by id, each split's items are cut into
 shards by position, outcomes are written in position order whatever order they complete in,
 and every JSON file has sorted keys. Timestamps live only in the manifest.
 """

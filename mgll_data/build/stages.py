@@ -1,4 +1,5 @@
-"""Per-item stages: RawItem -> texts -> image -> validated record (DESIGN §3).
+"""Per-item stages: RawItem -> texts -> image -> validated record
+(`docs/architecture.md`, "Data flow").
 
 Everything here is a pure function of one item and the build context, so it runs unchanged in
 the main process, in a process pool, or on a Ray cluster.
@@ -63,7 +64,7 @@ def label_vector(labels: dict[str, float], vocab: Vocabulary) -> list[float]:
 def build_texts(
     labels: list[float], sections: dict[str, str], vocab: Vocabulary, config: dict[str, Any]
 ) -> tuple[list[str], list[str]]:
-    """The three texts (DESIGN §6) and the origin of each.
+    """The three texts and the origin of each.
 
     The category always comes from the labels (the shared formatter). Description and
     explanation take the first non-empty item section named in the pipeline's

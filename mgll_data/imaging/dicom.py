@@ -19,7 +19,7 @@ Policies: multi-frame images keep frame 0 only (the extra dict says how many the
 colour images (RGB, YBR_*, PALETTE COLOR) skip the grey-scale LUTs (the standard applies them
 to monochrome data only) and become grey by ITU-R 601 luminance, or stay RGB when the policy
 asks for colour. Per-item failures raise `ItemError("image", reason)`, never anything else.
-Only whitelisted, non-identifying header fields are returned (DESIGN §4).
+Only whitelisted, non-identifying header fields are returned (no PHI reaches a record).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL
 # No-window fallback: clip to these percentiles of the modality values. Min-max is hostage to a
 # handful of pixels (dead/hot detector elements, burned-in markers at full scale, collimator
 # edges) and then leaves the anatomy in a few grey levels; the 0.5/99.5 range loses only the
-# tails. (MIMIC-CXR-JPG used min-max plus histogram equalisation: reference §1.5.)
+# tails. (MIMIC-CXR-JPG used min-max plus histogram equalisation.)
 _PERCENTILES = (0.5, 99.5)
 _PERCENTILE_SAMPLE = 512  # estimate percentiles on a strided grid of about this many rows
 

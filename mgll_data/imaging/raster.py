@@ -1,4 +1,4 @@
-"""The raster image stage: decode, normalise the pixel mode, resize, encode (DESIGN §3).
+"""The raster image stage: decode, normalise the pixel mode, resize, encode.
 
 A pure function of one image and the policy, so it runs the same in any worker. Images that
 cannot be decoded raise `ItemError` and go to quarantine.

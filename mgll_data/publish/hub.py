@@ -6,7 +6,7 @@ never `_build/`. Files whose remote hash (LFS sha256, or git blob id for small f
 local one are skipped, and remote `data/` / `figures/` files the build no longer has are deleted,
 so pushing again uploads only what changed.
 
-The licence guard (DESIGN §5) reads each source's `license` block from the manifest:
+The licence guard reads each source's `license` block from the manifest:
 `redistribution: none` refuses any data push (use `--card-only`), `noncommercial` pushes with the
 licence stated in the card. The token is never printed: every message is redacted.
 """

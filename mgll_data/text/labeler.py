@@ -9,7 +9,7 @@ vocabulary's trigger lists. Several mentions of one label are combined as CheXpe
 
 Why not medspaCy's ConText or negspaCy: neither is installed (medspaCy pins its own PyRuSH and
 QuickUMLS stack, negspaCy only yields a negated flag, no uncertainty), and both need the same
-fixes anyway (reference §5.5): `___` suppresses their sentence breaks and "cannot exclude X" is
+fixes anyway: `___` suppresses their sentence breaks and "cannot exclude X" is
 negated instead of uncertain. The rules here are short and read every phrase from the vocabulary.
 
 Rules (per sentence, per mention):

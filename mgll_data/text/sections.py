@@ -1,7 +1,7 @@
 """Radiology report sectioning: header detection, name normalisation and the MIMIC-CXR rules.
 
 The project's own implementation of the behaviour the official MIMIC-CXR section splitter is known
-for (shared/reference/source-formats.md §1.7); no code is taken from it.
+for (the release's own `txt/section_parser.py`); no code is taken from it.
 
 - A header is an ALL-CAPS run (`A-Z`, space, `( ) / , & -`) at the start of a line, followed by
   a colon. Unlike the official regex this also finds a header on the first line, without the

@@ -1,4 +1,5 @@
-"""Texts built from labels: the shared category formatter and the label-only templates (DESIGN §6).
+"""Texts built from labels: the shared category formatter and the label-only templates
+(`docs/architecture.md`, "The three granularities").
 
 The category text is written by one formatter for every source, so identical label sets always
 give identical text. Description and explanation templates come from the pipeline YAML; the

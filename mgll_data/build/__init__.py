@@ -1,0 +1,1 @@
+"""The build core: pipeline configuration, per-item stages, executors, shard writing, the engine."""
