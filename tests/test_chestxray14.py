@@ -245,7 +245,7 @@ def test_existing_build_needs_resume_or_overwrite(nih_kaggle, tmp_path):
 def test_resume_refuses_a_changed_vocabulary(nih_kaggle, tmp_path, monkeypatch):
     import dataclasses
 
-    from mgll_data import engine
+    from mgll_data.build import engine
 
     out = tmp_path / "out"
     _build(nih_kaggle.root, out, limit=5)

@@ -19,20 +19,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from tqdm import tqdm
 
 from .. import __version__
-from ..publish.card import write_card
 from ..errors import UserError
-from .executors import run_tasks
 from ..imaging.raster import ImagePolicy
+from ..publish.card import write_card
+from ..record import SCHEMA_VERSION, SPLITS
+from ..schema import dumps_sorted, record_schema
+from ..sources import Source, make_source
+from ..vocab import Vocabulary, load_vocabulary
+from .executors import run_tasks
 from .items import QuarantineEntry, RawItem
 from .pipeline import Pipeline
-from ..schema import dumps_sorted, record_schema
-from ..record import SCHEMA_VERSION, SPLITS
-from ..sources import make_source
 from .stages import BuildContext
-from ..vocab import Vocabulary, load_vocabulary
 from .writer import ShardPlan, ShardStats, ShardWriter, file_sha256, write_json
 
 DEFAULT_ROWS_PER_SHARD = 1000
@@ -244,55 +245,10 @@ def build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> B
         "label_names": vocab.names,
         "annotated_labels": source.annotated_labels(),
     }
-    arrow_schema = record_schema(len(vocab)).arrow_schema(mgll_block)
     todo = [(plan, chunk) for plan, chunk in plans if plan.name not in finished]
-    writers: dict[tuple[str, int], ShardWriter] = {}  # position -> the writer of its shard
-    for plan, chunk in todo:
-        writer = ShardWriter(plan, arrow_schema, output.tmp, output.data)
-        writers.update({(plan.split, plan.first + k): writer for k in range(len(chunk))})
-    planned = [((p.split, p.first + k), item) for p, chunk in todo for k, item in enumerate(chunk)]
-    ctx = BuildContext(
-        domain=vocab.domain,
-        image_policy=ImagePolicy(
-            image_size=options.image_size,
-            format=options.image_format,
-            color=pipeline.section("image").get("color", "grey"),
-            crop_borders=bool(
-                pipeline.section("image").get("crop_borders", False)
-                if options.crop_borders is None
-                else options.crop_borders
-            ),
-        ),
-        texts=pipeline.section("texts"),
-        image_options=pipeline.section("image"),
-    )
     early = scan.quarantine + duplicates
-    stats = dict(finished)
-    quarantined = len(early) + sum(len(s.quarantine) for s in finished.values())
-    if early:
-        _check_errors(quarantined, options.max_errors, early[-1])
-    bar = tqdm(
-        total=len(planned),
-        unit="img",
-        desc=f"build {pipeline.name}",
-        disable=None if options.progress is None else not options.progress,
-    )
-    try:
-        for outcome in run_tasks(source.tasks(planned), ctx, options.workers):
-            writer = writers.pop(outcome.position)
-            writer.add(outcome.position[1], outcome.record)
-            if outcome.quarantine is not None:
-                writer.quarantine.append(outcome.quarantine)
-                quarantined += 1
-                _check_errors(quarantined, options.max_errors, outcome.quarantine)
-            if writer.done:
-                shard = writer.finish()
-                output.save_shard(shard)
-                stats[shard.name] = shard
-            bar.update(1)
-            bar.set_postfix(quarantined=quarantined, refresh=False)
-    finally:
-        bar.close()
+    run = _ShardRun(output, record_schema(len(vocab)).arrow_schema(mgll_block), options)
+    stats = run.write(source, todo, early, finished, _context(pipeline, vocab, options), pipeline)
 
     all_stats = [stats[plan.name] for plan, _ in plans]
     entries = [q.to_json() for q in early] + [q for s in all_stats for q in s.quarantine]
@@ -303,11 +259,12 @@ def build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> B
         for split in SPLITS
     }
     write_card(out, pipeline, vocab, mgll_block, plans=[p for p, _ in plans], stats=all_stats)
+    reasons = Counter(_reason_kind(q["reason"]) for q in entries)
     manifest.update(
         complete=True,
         finished_at=_now(),
         counts={"rows": rows, "quarantined": len(entries), "items": len(items)},
-        quarantine_reasons=dict(Counter(_reason_kind(q["reason"]) for q in entries)),
+        quarantine_reasons=dict(reasons),
         shards=[{"path": f"data/{s.name}", "rows": s.rows, "sha256": s.sha256} for s in all_stats],
         card_sha256=file_sha256(out / "README.md"),
         notes=scan.notes,
@@ -317,12 +274,84 @@ def build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> B
         out=out,
         rows=rows,
         quarantined=len(entries),
-        reasons=Counter(_reason_kind(q["reason"]) for q in entries),
+        reasons=reasons,
         shards_written=len(todo),
         shards_kept=len(finished),
         seconds=time.time() - started,
         notes=scan.notes,
     )
+
+
+def _context(pipeline: Pipeline, vocab: Vocabulary, options: BuildOptions) -> BuildContext:
+    """What the per-item stages need: the domain, the image policy and the text templates."""
+    image = pipeline.section("image")
+    crop = (
+        image.get("crop_borders", False) if options.crop_borders is None else options.crop_borders
+    )
+    return BuildContext(
+        domain=vocab.domain,
+        image_policy=ImagePolicy(
+            image_size=options.image_size,
+            format=options.image_format,
+            color=image.get("color", "grey"),
+            crop_borders=bool(crop),
+        ),
+        texts=pipeline.section("texts"),
+        image_options=image,
+    )
+
+
+class _ShardRun:
+    """Runs the stages over the shards still to write, with a progress bar and `--max-errors`."""
+
+    def __init__(self, output: OutputDir, arrow_schema: pa.Schema, options: BuildOptions):
+        self.output, self.arrow_schema, self.options = output, arrow_schema, options
+
+    def write(
+        self,
+        source: Source,
+        todo: list[tuple[ShardPlan, list[RawItem]]],
+        early: list[QuarantineEntry],
+        finished: dict[str, ShardStats],
+        ctx: BuildContext,
+        pipeline: Pipeline,
+    ) -> dict[str, ShardStats]:
+        """Write every shard in `todo`; return the stats of all shards, finished ones included."""
+        writers: dict[tuple[str, int], ShardWriter] = {}  # position -> the writer of its shard
+        for plan, chunk in todo:
+            writer = ShardWriter(plan, self.arrow_schema, self.output.tmp, self.output.data)
+            writers.update({(plan.split, plan.first + k): writer for k in range(len(chunk))})
+        planned = [
+            ((p.split, p.first + k), item) for p, chunk in todo for k, item in enumerate(chunk)
+        ]
+        stats = dict(finished)
+        quarantined = len(early) + sum(len(s.quarantine) for s in finished.values())
+        if early:
+            _check_errors(quarantined, self.options.max_errors, early[-1])
+        progress = self.options.progress
+        bar = tqdm(
+            total=len(planned),
+            unit="img",
+            desc=f"build {pipeline.name}",
+            disable=None if progress is None else not progress,
+        )
+        try:
+            for outcome in run_tasks(source.tasks(planned), ctx, self.options.workers):
+                writer = writers.pop(outcome.position)
+                writer.add(outcome.position[1], outcome.record)
+                if outcome.quarantine is not None:
+                    writer.quarantine.append(outcome.quarantine)
+                    quarantined += 1
+                    _check_errors(quarantined, self.options.max_errors, outcome.quarantine)
+                if writer.done:
+                    shard = writer.finish()
+                    self.output.save_shard(shard)
+                    stats[shard.name] = shard
+                bar.update(1)
+                bar.set_postfix(quarantined=quarantined, refresh=False)
+        finally:
+            bar.close()
+        return stats
 
 
 def _check_errors(quarantined: int, max_errors: int | None, last: QuarantineEntry) -> None:

@@ -11,13 +11,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..imaging.dicom import process_dicom
 from ..errors import ItemError
+from ..imaging.dicom import process_dicom
 from ..imaging.raster import EncodedImage, ImagePolicy, process_image
-from .items import QuarantineEntry, RawItem
 from ..schema import dumps_sorted, record_schema, validate_row
 from ..text.templates import describe_labels, explain_labels, format_category, positive_names
 from ..vocab import Vocabulary, load_vocabulary
+from .items import QuarantineEntry, RawItem
 
 
 @dataclass(frozen=True)

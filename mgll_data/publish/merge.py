@@ -191,6 +191,15 @@ def _info(name: str, shards: list[dict[str, Any]], features: list[Any]) -> dict[
 
 def render_merged_card(sources: dict[str, dict[str, Any]]) -> str:
     """The card of a merged dataset (deterministic: sources in name order)."""
+    header = _merged_header(sources)
+    body = _merged_sources_table(sources, header["pretty_name"]) + _merged_labels(sources)
+    body += _merged_use_and_licences(sources)
+    front = yaml.safe_dump(header, sort_keys=False, allow_unicode=True, width=100)
+    return "---\n" + front + "---\n\n" + "\n".join(body)
+
+
+def _merged_header(sources: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The YAML header: licence, one config per source and one of all, the merged `mgll` block."""
     names = sorted(sources)
     first = sources[names[0]]["mgll"]
     label_names = first["label_names"]
@@ -228,10 +237,17 @@ def render_merged_card(sources: dict[str, dict[str, Any]]) -> str:
         _info(n, sources[n]["shards"], features) for n in names
     ]
     header["mgll"] = mgll
+    return header
 
-    splits = _splits_of(all_shards)
+
+def _merged_sources_table(sources: dict[str, dict[str, Any]], pretty_name: str) -> list[str]:
+    """The title, what a merge is, and each source's rows per split, texts and licence."""
+    names = sorted(sources)
+    first = sources[names[0]]["mgll"]
+    label_names = first["label_names"]
+    splits = _splits_of([sh for n in names for sh in sources[n]["shards"]])
     body = [
-        f"# {header['pretty_name']}",
+        f"# {pretty_name}",
         "",
         f"A merge of {len(names)} mgll datasets of the `{first['domain']}` domain (record schema "
         f"v{first['schema_version']}, vocabulary {first['vocab_version']}, "
@@ -253,7 +269,14 @@ def render_merged_card(sources: dict[str, dict[str, Any]]) -> str:
             f"| `{n}` | " + " | ".join(rows) + f" | {kind} | {lic.get('id')} | "
             f"{lic.get('redistribution')} |"
         )
-    body += [
+    return body
+
+
+def _merged_labels(sources: dict[str, dict[str, Any]]) -> list[str]:
+    """Which labels each source leaves unannotated (NaN in all of its rows)."""
+    names = sorted(sources)
+    label_names = sources[names[0]]["mgll"]["label_names"]
+    body = [
         "",
         "## Labels",
         "",
@@ -268,7 +291,13 @@ def render_merged_card(sources: dict[str, dict[str, Any]]) -> str:
     for n in names:
         missing = [x for x in label_names if x not in sources[n]["mgll"]["annotated_labels"]]
         body.append(f"| `{n}` | {', '.join(missing) or 'none'} |")
-    body += [
+    return body
+
+
+def _merged_use_and_licences(sources: dict[str, dict[str, Any]]) -> list[str]:
+    """How to load it, each source's licence and citation, and the commands that rebuild it."""
+    names = sorted(sources)
+    body = [
         "",
         "## Use",
         "",
@@ -301,5 +330,4 @@ def render_merged_card(sources: dict[str, dict[str, Any]]) -> str:
         "```",
         "",
     ]
-    front = yaml.safe_dump(header, sort_keys=False, allow_unicode=True, width=100)
-    return "---\n" + front + "---\n\n" + "\n".join(body)
+    return body
