@@ -284,20 +284,18 @@ def build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> B
 
 def _context(pipeline: Pipeline, vocab: Vocabulary, options: BuildOptions) -> BuildContext:
     """What the per-item stages need: the domain, the image policy and the text templates."""
-    image = pipeline.section("image")
-    crop = (
-        image.get("crop_borders", False) if options.crop_borders is None else options.crop_borders
-    )
+    image = pipeline.image
+    crop = image.crop_borders if options.crop_borders is None else options.crop_borders
     return BuildContext(
         domain=vocab.domain,
         image_policy=ImagePolicy(
             image_size=options.image_size,
             format=options.image_format,
-            color=image.get("color", "grey"),
+            color=image.color,
             crop_borders=bool(crop),
         ),
         texts=pipeline.section("texts"),
-        image_options=image,
+        image=image,
     )
 
 

@@ -18,6 +18,7 @@ from ..schema import dumps_sorted, record_schema, validate_row
 from ..text.templates import describe_labels, explain_labels, format_category, positive_names
 from ..vocab import Vocabulary, load_vocabulary
 from .items import QuarantineEntry, RawItem
+from .pipeline import ImageConfig
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class BuildContext:
     domain: str
     image_policy: ImagePolicy
     texts: dict[str, Any] = field(default_factory=dict)
-    image_options: dict[str, Any] = field(default_factory=dict)  # the pipeline's `image` block
+    image: ImageConfig = field(default_factory=ImageConfig)  # the pipeline's `image` block
 
     @property
     def vocab(self) -> Vocabulary:
@@ -105,12 +106,11 @@ def load_image(task: Task, ctx: BuildContext) -> tuple[EncodedImage, dict[str, A
     ref = task.item.image
     source = task.image_bytes if task.image_bytes is not None else ref.path
     if ref.is_dicom:
-        options = ctx.image_options
         return process_dicom(
             source,
             ctx.image_policy,
-            skip_for_processing=bool(options.get("skip_for_processing", True)),
-            voi=str(options.get("voi", "auto")),
+            skip_for_processing=ctx.image.skip_for_processing,
+            voi=ctx.image.voi,
         )
     return process_image(source, ctx.image_policy), {}
 
