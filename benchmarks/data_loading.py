@@ -19,8 +19,8 @@ from pathlib import Path
 from mgll_data.build.engine import BuildOptions, build
 from mgll_data.build.pipeline import load_pipeline
 from mgll_data.demo.nih_release import write_demo_release
-from mgll_train import data
 from mgll_train.data import SampleTransform, make_dataset
+from mgll_train.data import records as parquet_records
 from mgll_train.model import create_model
 from mgll_train.sampler import GlobalBatchSampler
 
@@ -52,7 +52,7 @@ def main() -> None:
         "cache, as in real training)",
     )
     args = parser.parse_args()
-    data.ROW_GROUP_CACHE = args.cache
+    parquet_records.ROW_GROUP_CACHE = args.cache
     with tempfile.TemporaryDirectory() as tmp:
         raw = write_demo_release(Path(tmp) / "raw", n=args.n, seed=0, image_size=768)
         out = Path(tmp) / "ds"

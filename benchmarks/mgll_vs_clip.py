@@ -10,7 +10,7 @@ MGLL terms (`--loss-weights` 1,0,0 / 1,1,0 / 1,0,1 / 1,1,1).
 
 Measured (2026-11-22, CPU, 3 seeds): zero-shot macro AUROC, 400 steps: clip 0.770 ± 0.039,
 mgll 0.824 ± 0.037; 180 steps: 0.805 ± 0.032 vs 0.827 ± 0.004; 60 steps: 0.818 ± 0.004 vs
-0.803 ± 0.013 (the point-wise term slows early training; see the closing note of issue 5).
+0.803 ± 0.013 (the point-wise term slows early training).
 
 Results go to WORK/results.jsonl (one line per run, appended, so an interrupted benchmark can be
 continued: runs already there are not trained again) and WORK/summary.md.

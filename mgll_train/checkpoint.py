@@ -10,11 +10,30 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .errors import UserError
+
+
+@dataclass
+class Run:
+    """A run directory in open_clip's layout: `out.log`, `config.yaml`, `checkpoints/`, ..."""
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def latest(self) -> Path:
+        """The copy of the newest checkpoint that `--resume latest` loads."""
+        return self.checkpoints / "epoch_latest.pt"
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -23,6 +42,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def rng_state() -> dict[str, Any]:
+    """The main process's torch, NumPy and Python RNG states."""
     return {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
@@ -31,6 +51,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -52,7 +73,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint written by `save_checkpoint` (onto the CPU)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
+        raise UserError(f"{path}: not a checkpoint written by mgll-train fit ({err})") from err
+    if not isinstance(state, dict) or not {"model_name", "state_dict"} <= state.keys():
+        raise UserError(
+            f"{path}: not a checkpoint written by mgll-train fit (expected model_name and "
+            "state_dict in it)"
+        )
+    return state
 
 
 def resolve_resume(resume: str, checkpoints: Path) -> Path:

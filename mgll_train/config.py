@@ -7,25 +7,32 @@ it; the resolved configuration is saved in the run directory.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .reporting import REPORT_CHOICES
+from mgll_data.record import GRANULARITIES
 
-GRANULARITIES = ("category", "description", "explanation")
+from .data.labels import UNCERTAIN_POLICIES, UNMENTIONED_POLICIES
+from .data.transforms import TEXT_SAMPLINGS
+from .reporting import REPORT_CHOICES
 
 
 def _weights(text: str) -> tuple[float, float, float]:
+    """`--loss-weights a,b,c`: three finite numbers."""
     parts = [float(x) for x in text.split(",")]
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+    if len(parts) != 3 or not all(math.isfinite(p) for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"expected three finite comma-separated numbers, got {text!r}"
+        )
     return parts[0], parts[1], parts[2]
 
 
 def _granularities(text: str) -> tuple[str, ...]:
+    """`--granularities a,b`: known granularity names, in the order given."""
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     unknown = [n for n in names if n not in GRANULARITIES]
     if unknown or not names:
@@ -46,7 +53,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights of the '::'-joined train datasets, e.g. '1::2'",
     )
     data.add_argument("--train-split", default="train", help="value of the split column (train)")
-    # --- evaluation during training (issue 5) ---
+    # Evaluation during training (the `eval` metrics on --val-data, into metrics.jsonl).
     data.add_argument("--val-data", default=None, help="dataset evaluated during training")
     data.add_argument("--val-split", default="validation", help="its split (validation)")
     data.add_argument(
@@ -55,7 +62,6 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--zeroshot-frequency", type=int, default=1, help="zero-shot AUROC every N epochs (1)"
     )
-    # --- end evaluation during training ---
     data.add_argument(
         "--streaming",
         action="store_true",
@@ -78,19 +84,19 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument(
         "--text-sampling",
-        choices=("truncate", "sentences"),
+        choices=TEXT_SAMPLINGS,
         default="truncate",
         help="cut long texts at the context length, or sample sentences that fit",
     )
     data.add_argument(
         "--uncertain",
-        choices=("ignore", "positive", "negative"),
+        choices=UNCERTAIN_POLICIES,
         default="ignore",
         help="what -1 (uncertain) labels become (ignore: not annotated)",
     )
     data.add_argument(
         "--unmentioned",
-        choices=("negative", "ignore"),
+        choices=UNMENTIONED_POLICIES,
         default="negative",
         help="what NaN becomes for labels the dataset annotates (negative: 0)",
     )
@@ -173,25 +179,44 @@ def parse_fit_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argp
     """Parse with the `--config` YAML as defaults, so the command line overrides it."""
     known, _ = parser.parse_known_args(argv)
     if known.config is not None:
-        if not known.config.is_file():
-            parser.error(f"--config {known.config}: file not found")
-        with open(known.config, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
-        dests = {a.dest for a in parser._actions}
-        defaults = {}
-        for key, value in values.items():
-            dest = str(key).replace("-", "_")
-            if dest not in dests:
-                parser.error(f"--config {known.config}: unknown key {key!r}")
-            action = next(a for a in parser._actions if a.dest == dest)
-            if action.type is not None and isinstance(value, str):
-                value = action.type(value)
-            defaults[dest] = value
-        parser.set_defaults(**defaults)
+        parser.set_defaults(**_config_defaults(parser, known.config))
     args = parser.parse_args(argv)
     if args.train_data is None:
         parser.error("--train-data is required (on the command line or in --config)")
     return args
+
+
+def _config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
+    """The `--config` YAML as parser defaults; a bad file, key or value is a parser error.
+
+    Values are checked as the command line would check them (the flag's type and choices),
+    since argparse checks neither for defaults.
+    """
+    if not path.is_file():
+        parser.error(f"--config {path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        parser.error(f"--config {path}: not valid YAML ({err})".replace("\n", " "))
+    if not isinstance(values, dict):
+        parser.error(f"--config {path}: expected a mapping of flag names to values")
+    actions = {a.dest: a for a in reversed(parser._actions)}  # the first action of a dest
+    defaults = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            parser.error(f"--config {path}: unknown key {key!r}")
+        if action.type is not None and isinstance(value, str):
+            try:
+                value = action.type(value)
+            except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
+                parser.error(f"--config {path}: {key}: {err}")
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"--config {path}: {key}: {value!r} is not one of {list(action.choices)}")
+        defaults[dest] = value
+    return defaults
 
 
 def resolved_config(args: argparse.Namespace) -> dict[str, Any]:

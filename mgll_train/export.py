@@ -13,6 +13,7 @@ import open_clip
 from safetensors.torch import save_file
 
 from .checkpoint import load_checkpoint
+from .errors import UserError
 from .model import register_model_configs
 
 
@@ -23,7 +24,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     model_name = state["model_name"]
     model_cfg = open_clip.get_model_config(model_name)
     if model_cfg is None:
-        raise ValueError(f"{checkpoint}: model {model_name!r} is not an open_clip config")
+        raise UserError(f"{checkpoint}: model {model_name!r} is not an open_clip config")
     weights = {k: v.detach().contiguous() for k, v in state["state_dict"].items()}
     if "logit_bias" in weights:
         model_cfg["init_logit_bias"] = float(weights["logit_bias"])
@@ -38,6 +39,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
 
 
 def _model_card(state: dict, model_name: str) -> str:
+    """The README.md of the exported folder: what was trained on what, and how to load it."""
     config = state.get("config", {})
     labels = ", ".join(state.get("label_names", []))
     return "\n".join(

@@ -23,6 +23,7 @@ from .data import (
     parse_sources,
     split_row_count,
 )
+from .errors import UserError
 from .sampler import GlobalBatchSampler
 
 
@@ -38,10 +39,12 @@ class Feed:
 
     @property
     def streaming(self) -> bool:
+        """True for `--streaming` data (row groups, no sampler)."""
         return self.sampler is None
 
     @property
     def label_names(self) -> list[str]:
+        """The aligned label names of the training data."""
         return self.dataset.label_names
 
     def batches(
@@ -75,9 +78,7 @@ def make_feed(
     args: argparse.Namespace, transform: SampleTransform, rank: int, world_size: int
 ) -> Feed:
     """The training data that `args` describes."""
-    per_step = (
-        args.batch_size * args.accum_freq
-    )  # one optimizer step takes accum_freq micro-batches
+    per_step = args.batch_size * args.accum_freq  # one optimizer step: accum_freq micro-batches
     global_batch = per_step * world_size
     if not args.streaming:
         dataset = make_dataset(
@@ -103,7 +104,7 @@ def make_feed(
     )
     readers = world_size * max(1, args.workers)
     if len(dataset.units) < readers:
-        raise ValueError(
+        raise UserError(
             f"--streaming: {len(dataset.units)} Parquet row groups cannot feed {readers} "
             "readers (processes x workers); use fewer workers or map-style data"
         )
@@ -113,5 +114,5 @@ def make_feed(
         sum(split_row_count(files, args.train_split) * factor for files, factor in sources)
     )
     if rows < global_batch:
-        raise ValueError(f"{rows} training rows are fewer than one global batch ({global_batch})")
+        raise UserError(f"{rows} training rows are fewer than one global batch ({global_batch})")
     return Feed(dataset, rows, rows // global_batch, per_step)

@@ -17,6 +17,8 @@ from typing import Any
 import open_clip
 import torch
 
+from .errors import UserError
+
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 MAX_LOGIT_SCALE = math.log(100.0)  # the scale s = exp(logit_scale) is clamped to at most 100
 DEFAULT_LOGIT_BIAS = -10.0
@@ -62,7 +64,7 @@ def create_model(
     if model_name not in open_clip.list_models() and not model_name.startswith(
         ("hf-hub:", "local-dir:")
     ):
-        raise ValueError(
+        raise UserError(
             f"unknown model {model_name!r}; use an open_clip model name "
             f"(e.g. ViT-B-16) or one shipped with mgll_train: {shipped_models()}"
         )
@@ -90,6 +92,32 @@ def create_model(
 def shipped_models() -> list[str]:
     """Names of the model configs shipped with mgll_train."""
     return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+
+
+class FeatureModel(torch.nn.Module):
+    """One forward for the image batch and all G text batches, so DDP sees a single call.
+
+    Returns normalised features, or the projected unnormalised ones that `--loss mgll-official`
+    needs (the reference code normalises nothing).
+    """
+
+    def __init__(self, clip: torch.nn.Module, normalize: bool = True):
+        super().__init__()
+        self.clip = clip
+        self.normalize = normalize
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features of `images` `[B, ...]` and `texts` `[G, B, L]`, the scale (exp'd), the bias."""
+        g, b, length = texts.shape
+        text_features = self.clip.encode_text(texts.reshape(g * b, length), self.normalize)
+        out = {
+            "image_features": self.clip.encode_image(images, self.normalize),
+            "text_features": text_features.reshape(g, b, -1),
+            "logit_scale": self.clip.logit_scale.exp(),
+        }
+        if getattr(self.clip, "logit_bias", None) is not None:
+            out["logit_bias"] = self.clip.logit_bias
+        return out
 
 
 @torch.no_grad()

@@ -14,10 +14,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 REPORT_CHOICES = ("auto", "tensorboard", "none")
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """`--report-to tensorboard` without the package: a one-line message for the CLI."""
 
 

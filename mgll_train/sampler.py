@@ -10,7 +10,7 @@ rows are shuffled only within runs of `window` row groups. Reading one row from 
 reading its whole row group, so a fully random order reads every row group about once per row;
 the block order reads each once per epoch (benchmarks/data_loading.py measures both). Batches
 then mix `window` row groups, not the whole dataset: choose the window as large as the row-group
-cache (`mgll_train.data.ROW_GROUP_CACHE`) allows.
+cache (`mgll_train.data.records.ROW_GROUP_CACHE`) allows.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+from .errors import UserError
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -36,7 +38,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         window: int = 0,
     ):
         if size < batch_size * world_size:
-            raise ValueError(
+            raise UserError(
                 f"{size} training rows are fewer than one global batch "
                 f"({batch_size} x {world_size} processes)"
             )
@@ -58,6 +60,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     @property
     def batches_per_epoch(self) -> int:
+        """Full global batches per epoch (the incomplete last one is dropped)."""
         return self.size // (self.batch_size * self.world_size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:

@@ -1,4 +1,4 @@
-"""The `mgll-build-dataset` command line, run as a real subprocess."""
+"""The `mgll-build-dataset` and `mgll-train` command lines, mostly run as real subprocesses."""
 
 from __future__ import annotations
 
@@ -9,9 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import torch
 
 from mgll_data.demo.nih_release import write_demo_release
+from mgll_train.cli import main as train_main
+from mgll_train.errors import UserError
+from tests.conftest import run_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,3 +125,73 @@ def test_source_options_are_checked_by_the_source(tmp_path):
     )
     assert result.returncode == 2
     assert "does not take --images" in result.stderr.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- mgll-train
+
+
+def _not_an_mgll_build(tmp_path: Path) -> Path:
+    path = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "split": ["train", "train"]}), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing-data", "no such file or directory"),
+        ("not-mgll", "not an mgll shard"),
+        ("missing-checkpoint", "checkpoint not found"),
+        ("text-as-checkpoint", "not a checkpoint written by mgll-train fit"),
+        ("foreign-checkpoint", "expected model_name and state_dict in it"),
+        ("bad-config-value", "batch-size: invalid literal for int()"),
+    ],
+)
+def test_train_user_errors_are_one_line(tmp_path, case, message):
+    fit = ["fit", "--device", "cpu", "--workers", "0", "--logs", str(tmp_path / "logs")]
+    if case == "missing-data":
+        args = [*fit, "--train-data", str(tmp_path / "nowhere")]
+    elif case == "not-mgll":
+        args = [*fit, "--train-data", str(_not_an_mgll_build(tmp_path))]
+    elif case in ("missing-checkpoint", "text-as-checkpoint", "foreign-checkpoint"):
+        ckpt, out = tmp_path / "c.pt", tmp_path / "out"
+        if case == "text-as-checkpoint":
+            ckpt.write_text("epoch 3, loss 0.5\n")
+        elif case == "foreign-checkpoint":
+            torch.save({"weights": torch.zeros(2)}, ckpt)
+        args = ["eval", "--checkpoint", str(ckpt), "--data", str(tmp_path), "--out", str(out)]
+    else:
+        config = tmp_path / "c.yaml"
+        config.write_text(f"train-data: {tmp_path}\nbatch-size: many\n")
+        args = ["fit", "-c", str(config)]
+    result = run_module("mgll_train", args, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(("mgll-train: error: ", "mgll-train fit: error: ")), last
+    assert message in last
+    assert "Traceback" not in result.stderr
+
+
+def _eval_args(tmp_path: Path) -> list[str]:
+    return ["eval", "--checkpoint", "c.pt", "--data", "d", "--out", str(tmp_path)]
+
+
+def test_train_user_error_is_one_line_in_process(tmp_path, monkeypatch, capsys):
+    def user_error(args):
+        raise UserError("d: no such dataset")
+
+    monkeypatch.setattr("mgll_train.evaluate.run_eval", user_error)
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(_eval_args(tmp_path))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "mgll-train: error: d: no such dataset\n"
+
+
+def test_train_internal_value_error_keeps_its_traceback(tmp_path, monkeypatch):
+    def bug(args):
+        raise ValueError("shapes do not match (a bug)")
+
+    monkeypatch.setattr("mgll_train.evaluate.run_eval", bug)
+    with pytest.raises(ValueError, match="a bug") as err:
+        train_main(_eval_args(tmp_path))
+    assert type(err.value) is ValueError

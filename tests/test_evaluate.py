@@ -10,18 +10,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from mgll_train.evaluate import (
+from mgll_train.evaluate.metrics import (
     auroc,
     average_precision,
     bootstrap_weights,
-    chance_recall,
-    label_set_keys,
     macro_auroc_map,
     multilabel_auroc,
-    patient_subset,
-    retrieval_metrics,
     weighted_auroc,
 )
+from mgll_train.evaluate.probe import patient_subset
+from mgll_train.evaluate.retrieval import chance_recall, label_set_keys, retrieval_metrics
 from tests.conftest import run_module
 
 

@@ -87,7 +87,7 @@ def _bce(x: float, y: float) -> float:
 
 
 def py_mgll(logits, cs, bias, weights=(1.0, 1.0, 1.0), graded=False):
-    """The DESIGN §7 formulas with Python floats: logits[g][i][j], cs[g][i][j] (C_g)."""
+    """The MGLL formulas (losses/mgll.py) with Python floats: logits[g][i][j], cs[g][i][j] (C_g)."""
     g_n, b = len(logits), len(logits[0])
     soft = pw = 0.0
     for g in range(g_n):

@@ -252,7 +252,7 @@ def _run(world_size: int, tmp: Path, timeout_s: float = 120.0) -> list[dict]:
 
 
 def reference_cooccurrence(labels: torch.Tensor, ids: torch.Tensor, soft_target: str):
-    """C_g [G, N, N] written out pair by pair from DESIGN §7 (see mgll_train.loss)."""
+    """C_g [G, N, N] written out pair by pair from the formulas in mgll_train.losses.mgll."""
     n = labels.shape[0]
     c = torch.zeros(G, n, n, dtype=torch.float64)
     for i in range(n):

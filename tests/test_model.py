@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from mgll_train.errors import UserError
 from mgll_train.loss import MGLLLoss, text_ids_for
 from mgll_train.model import clamp_logit_scale, create_model, shipped_models
 
@@ -27,7 +28,7 @@ def test_tiny_model_offline_with_learnable_scalars():
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(ValueError, match="mgll-tiny"):
+    with pytest.raises(UserError, match="mgll-tiny"):
         create_model("no-such-model")
 
 

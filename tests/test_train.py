@@ -269,3 +269,20 @@ def test_streaming_under_torchrun_gives_every_rank_the_same_steps(sharded, tmp_p
     log = (tmp_path / "sddp" / "out.log").read_text()
     steps = int(log.split(" steps/epoch")[0].rsplit("(", 1)[1])
     assert len(metrics) == steps > 0 and "2 process(es), streaming" in log
+
+
+def test_resume_from_a_checkpoint_of_another_run_is_one_line(dataset, tmp_path):
+    assert _run([*_fit_args(dataset, tmp_path, "first"), "--max-steps", "1"]).returncode == 0
+    latest = tmp_path / "first" / "checkpoints" / "epoch_latest.pt"
+    state = torch.load(latest, map_location="cpu", weights_only=False)
+    other = tmp_path / "other.pt"
+    torch.save({**state, "model_name": "ViT-B-16"}, other)
+    for resume, message in (
+        (other, "a checkpoint of model 'ViT-B-16'; this run trains 'mgll-tiny'"),
+        (latest, "does not fit this run's model and flags"),  # --lock-image: other param groups
+    ):
+        args = [*_fit_args(dataset, tmp_path, "second"), "--resume", str(resume), "--lock-image"]
+        result = _run(args)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert message in result.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in result.stderr

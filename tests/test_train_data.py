@@ -19,25 +19,21 @@ from torch.utils.data import DataLoader
 from mgll_data.build.engine import BuildOptions, build
 from mgll_data.build.pipeline import load_pipeline
 from mgll_data.demo.nih_release import write_demo_release
+from mgll_data.record import read_mgll_metadata, text_hash
 from mgll_train.data import (
     MgllDataset,
     ParquetRecords,
     SampleTransform,
     StreamingRecords,
-    TextTokenizer,
     TruncationStats,
-    aligned_label_names,
-    apply_label_policy,
     collate,
-    image_config_from_model,
     make_dataset,
-    pad_resize,
     parse_sources,
-    read_mgll_metadata,
     resolve_data,
-    split_sentences,
 )
-from mgll_train.loss import text_hash
+from mgll_train.data.images import image_config_from_model, pad_resize
+from mgll_train.data.labels import aligned_label_names, apply_label_policy
+from mgll_train.data.tokenizer import TextTokenizer, split_sentences
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)

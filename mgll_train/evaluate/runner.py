@@ -1,0 +1,64 @@
+"""`evaluate_model`: extract features once, then run the tasks asked for on them.
+
+Deterministic for a seed: the loader reads the split in file order, the probe head's
+initialisation, batches and subsets are seeded, and the model runs in eval mode.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..data import make_dataset
+from ..errors import UserError
+from .features import eval_transform, extract_features
+from .probe import probe_block
+from .retrieval import retrieval_block
+from .zeroshot import zeroshot_block
+
+TASKS = ("zeroshot", "linear-probe", "retrieval")
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: str,
+    split: str,
+    tasks: Sequence[str],
+    args: Any,
+    device: torch.device,
+    train_data: str | None = None,
+    train_split: str = "train",
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``tasks`` on ``data``/``split``; return ``(metrics, extras for the plots)``."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise UserError(f"unknown eval tasks {unknown}; use {','.join(TASKS)}")
+    started = time.time()
+    transform = eval_transform(model, tokenizer, args)
+    dataset = make_dataset(data, transform, split=split, seed=args.seed)
+    feats = extract_features(
+        model, dataset, args.batch_size, args.workers, device, texts="retrieval" in tasks
+    )
+    metrics: dict[str, Any] = {"data": data, "split": split, "images": len(feats.ids)}
+    extras: dict[str, Any] = {"labels": feats.labels, "names": dataset.label_names}
+    if "zeroshot" in tasks:
+        metrics["zeroshot"], extras["zeroshot_scores"] = zeroshot_block(
+            model, tokenizer, dataset, feats, args, device
+        )
+    if "retrieval" in tasks:
+        metrics["retrieval"] = retrieval_block(feats.image, feats.text, feats.labels)
+    if "linear-probe" in tasks:
+        if not train_data:
+            raise UserError(
+                "linear-probe needs training data: the checkpoint names none; give --train-data"
+            )
+        train_set = make_dataset(train_data, transform, split=train_split, seed=args.seed)
+        metrics["linear_probe"] = probe_block(
+            model, train_set, dataset, feats, train_data, train_split, args, device
+        )
+    metrics["seconds"] = round(time.time() - started, 2)
+    return metrics, extras

@@ -1,0 +1,89 @@
+"""Zero-shot classification with the vocabulary's prompts.
+
+Per label, the positive and negative prompts of the vocabulary (`schemas/<domain>.yaml`, the
+domain from the dataset's `mgll` metadata) are embedded, normalised, averaged and re-normalised
+(a prompt ensemble); an image's score is `cos(v, pos) − cos(v, neg)`, which ranks images exactly
+as the softmax over the two does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data import MgllDataset
+from ..data.tokenizer import TextTokenizer
+from .features import Features
+from .metrics import multilabel_auroc
+
+# The vocabulary of a dataset whose `mgll` block names no domain.
+DEFAULT_DOMAIN = "chest_xray"
+
+
+def vocabulary_prompts(domain: str) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """``{label: (positive prompts, negative prompts)}`` of a domain's vocabulary."""
+    from mgll_data.vocab import load_vocabulary  # lazily: only the prompts come from mgll_data
+
+    vocab = load_vocabulary(domain)
+    return {lab.name: (lab.positive_prompts, lab.negative_prompts) for lab in vocab.labels}
+
+
+@torch.no_grad()
+def prompt_embeddings(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], device: torch.device
+) -> torch.Tensor:
+    """The normalised mean of the normalised embeddings of ``prompts`` ([D])."""
+    tok = TextTokenizer(tokenizer)
+    tokens = torch.stack([tok.tokenize(p)[0] for p in prompts]).to(device)
+    emb = model.encode_text(tokens, normalize=True).float().mean(dim=0)
+    return emb / emb.norm()
+
+
+def zeroshot_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    image_features: np.ndarray,
+    label_names: Sequence[str],
+    prompts: dict[str, tuple[Sequence[str], Sequence[str]]],
+    device: torch.device,
+) -> tuple[np.ndarray, list[bool]]:
+    """``([N, K] scores, usable)``: cos(v, positive ensemble) − cos(v, negative ensemble)."""
+    was_training = model.training
+    model.eval()
+    img = torch.from_numpy(image_features)
+    img = img / img.norm(dim=1, keepdim=True)
+    scores = np.zeros((len(img), len(label_names)), dtype=np.float64)
+    usable = []
+    for j, name in enumerate(label_names):
+        pos, neg = prompts.get(name, ((), ()))
+        if not pos or not neg:
+            usable.append(False)
+            continue
+        p = prompt_embeddings(model, tokenizer, pos, device).cpu()
+        q = prompt_embeddings(model, tokenizer, neg, device).cpu()
+        scores[:, j] = (img @ p - img @ q).double().numpy()
+        usable.append(True)
+    model.train(was_training)
+    return scores, usable
+
+
+def zeroshot_block(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    dataset: MgllDataset,
+    feats: Features,
+    args: Any,
+    device: torch.device,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """``(the zeroshot block of metrics.json, [N, K] scores for the plots)``."""
+    domain = dataset.records.metadata[0].get("domain", DEFAULT_DOMAIN)
+    names = dataset.label_names
+    scores, usable = zeroshot_scores(
+        model, tokenizer, feats.image, names, vocabulary_prompts(domain), device
+    )
+    block = multilabel_auroc(feats.labels, scores, names, args.bootstrap, args.seed, usable)
+    block["domain"] = domain
+    return block, scores

@@ -1,0 +1,37 @@
+"""From ``mgll-train fit`` flags to a loss: the registry of objectives and :func:`create_loss`."""
+
+from __future__ import annotations
+
+import argparse
+
+from .base import MultiGranularLoss
+from .clip import ClipLoss
+from .common import check_target_options
+from .mgll import MGLLLoss
+from .official import OfficialMGLLLoss
+
+__all__ = ["LOSSES", "create_loss", "loss_class"]
+
+#: Every objective by its ``--loss`` name.
+LOSSES: dict[str, type[MultiGranularLoss]] = {
+    cls.name: cls for cls in (MGLLLoss, ClipLoss, OfficialMGLLLoss)
+}
+
+
+def loss_class(name: str) -> type[MultiGranularLoss]:
+    """The objective called ``name`` (``--loss``); its class attributes say what the model
+    must provide (``normalized_features``, ``uses_logit_bias``)."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}") from None
+
+
+def create_loss(args: argparse.Namespace, rank: int = 0, world_size: int = 1) -> MultiGranularLoss:
+    """The loss the fit flags ask for: ``--loss`` picks the class, which reads its own flags
+    (``--soft-target``, ``--pointwise-target``, ``--loss-weights``, ``--local-loss``,
+    ``--gather-with-grad``, ...)."""
+    # Checked whatever --loss is, so a bad value (e.g. from a config file, whose values skip
+    # argparse's choices) fails even when the chosen objective ignores it.
+    check_target_options(args.soft_target, args.loss_weights, args.pointwise_target)
+    return loss_class(args.loss).from_args(args, rank, world_size)
