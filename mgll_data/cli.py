@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a controlled task: 64-px images whose findings leave distinct visual signs, with "
         "report-like texts naming location and severity (use e.g. --n 2000)",
     )
-    _add_build_options(demo)
+    _add_build_options(demo, disposable=True)
 
     sub.add_parser("list", help="list the shipped pipelines")
 
@@ -146,7 +146,9 @@ def _add_hub_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_build_options(parser: argparse.ArgumentParser) -> None:
+def _add_build_options(parser: argparse.ArgumentParser, disposable: bool = False) -> None:
+    """The flags every build takes. A `disposable` build (the demo) always replaces its output
+    and never quarantines, so it has no --overwrite or --max-errors."""
     parser.add_argument("--out", required=True, type=Path, help="output dataset folder")
     parser.add_argument(
         "--image-size",
@@ -180,13 +182,14 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="finish an interrupted build (same inputs, options and versions)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing build")
-    parser.add_argument(
-        "--max-errors",
-        type=int,
-        default=None,
-        help="fail once more than N items are quarantined (default: never)",
-    )
+    if not disposable:
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing build")
+        parser.add_argument(
+            "--max-errors",
+            type=int,
+            default=None,
+            help="fail once more than N items are quarantined (default: never)",
+        )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -201,7 +204,7 @@ def _build_options(args: argparse.Namespace):
         rows_per_shard=args.rows_per_shard,
         resume=args.resume,
         overwrite=args.overwrite,
-        max_errors=args.max_errors,
+        max_errors=getattr(args, "max_errors", None),
         progress=False if args.no_progress else None,
         crop_borders=getattr(args, "crop_borders", None),
         source_options=tuple(
