@@ -38,7 +38,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..errors import ItemError
 from .raster import EncodedImage, ImagePolicy, normalise_mode, resize_and_encode
@@ -146,10 +146,14 @@ def read_dataset(source: str | Path | bytes) -> Dataset:
         if "PixelData" not in ds and not ds.get("FloatPixelData"):
             raise ItemError("image", "not a DICOM image (no pixel data)")
         if "TransferSyntaxUID" not in ds.file_meta:
-            implicit = ds.original_encoding[0]
-            ds.file_meta.TransferSyntaxUID = (
-                ImplicitVRLittleEndian if implicit is not False else ExplicitVRLittleEndian
-            )
+            # No meta group: the encoding pydicom detected (big endian data sets exist too).
+            implicit, little = ds.original_encoding
+            if implicit is not False:
+                ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            elif little is not False:
+                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            else:
+                ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
     except ItemError:
         raise
     except Exception as err:  # pydicom raises many types on garbage and truncation

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,11 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..data.labels import UNCERTAIN_POLICIES, UNMENTIONED_POLICIES
+from ..errors import UserError
 from .report import clean_metrics, format_table, write_plots
 from .runner import TASKS, evaluate_model
+
+log = logging.getLogger("mgll_train")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,10 +79,25 @@ def load_model_from_checkpoint(path: Path, device: torch.device) -> tuple[Any, d
     return bundle, state
 
 
+def eval_device(name: str) -> torch.device:
+    """``--device`` read as ``fit`` reads it: a known accelerator that is not available here
+    falls back to the CPU (with a warning); a name torch does not know is a user error."""
+    from open_clip_train.distributed import is_device_available
+
+    try:
+        available, known = is_device_available(name)
+    except RuntimeError as err:
+        raise UserError(f"--device {name!r} is not a torch device ({err})") from err
+    if known and not available:
+        log.warning("--device %s is not available here; evaluating on the CPU", name)
+        return torch.device("cpu")
+    return torch.device(name)
+
+
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """`mgll-train eval`: write metrics.json, plots; print the table; return the metrics."""
     torch.manual_seed(args.seed)
-    device = torch.device(args.device if torch.cuda.is_available() else "cpu")
+    device = eval_device(args.device)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bundle, state = load_model_from_checkpoint(args.checkpoint, device)
     config = state.get("config") or {}

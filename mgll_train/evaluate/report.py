@@ -112,9 +112,19 @@ def write_plots(metrics: dict[str, Any], extras: dict[str, Any], out: Path) -> l
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names) + 2), 4))
     values = [zs["per_label"][n]["auroc"] for n in names]
     ci = [zs["per_label"][n]["ci95"] for n in names]
-    lower = [v - (c[0] if c[0] is not None else v) for v, c in zip(values, ci, strict=True)]
-    upper = [(c[1] if c[1] is not None else v) - v for v, c in zip(values, ci, strict=True)]
-    ax.bar(range(len(names)), values, yerr=[lower, upper], capsize=3, color="#4c72b0")
+    ax.bar(range(len(names)), values, color="#4c72b0")
+    # A percentile interval need not contain the point estimate (few resamples, small splits):
+    # draw each interval about its own midpoint, so [lo, hi] is shown as it is.
+    spans = [(x, c) for x, c in enumerate(ci) if c[0] is not None and c[1] is not None]
+    if spans:
+        ax.errorbar(
+            [x for x, _ in spans],
+            [(lo + hi) / 2 for _, (lo, hi) in spans],
+            yerr=[(hi - lo) / 2 for _, (lo, hi) in spans],
+            fmt="none",
+            ecolor="k",
+            capsize=3,
+        )
     ax.axhline(0.5, color="k", ls="--", lw=0.8)
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
     ax.set(ylim=(0, 1), ylabel="AUROC", title="zero-shot AUROC per label (95 % CI)")
