@@ -21,7 +21,7 @@ from mgll_data.errors import UserError
 from mgll_data.publish.inspect import validate_dataset
 from mgll_data.record import read_mgll_metadata
 from mgll_data.sources import make_source
-from mgll_data.sources.chestxray14 import parse_age
+from mgll_data.sources.toolkit import parse_age
 from mgll_data.vocab import load_vocabulary
 from tests.conftest import NIH_ROWS
 from tests.nih_fixture import is_test_patient, make_release, real_rows, xrv_data_file

@@ -23,7 +23,8 @@ from mgll_data.errors import UserError
 from mgll_data.publish.inspect import validate_dataset
 from mgll_data.publish.merge import merge
 from mgll_data.sources import make_source
-from mgll_data.sources.fundus import hash_split, split_keywords
+from mgll_data.sources.fundus.odir import split_keywords
+from mgll_data.sources.splits import hash_split
 from mgll_data.vocab import load_vocabulary
 from tests import fundus_fixture as ff
 

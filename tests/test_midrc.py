@@ -16,7 +16,8 @@ from mgll_data.errors import UserError
 from mgll_data.publish.inspect import validate_dataset
 from mgll_data.publish.merge import merge
 from mgll_data.record import read_mgll_metadata
-from mgll_data.sources.midrc import combine, parse_list
+from mgll_data.sources.midrc.commons import parse_list
+from mgll_data.sources.midrc.ricord import combine
 from mgll_data.vocab import load_vocabulary
 from tests.dicom_fixture import PHI
 from tests.fake_hub import build_dataset, write_release
@@ -41,7 +42,7 @@ def _rows(out: Path) -> list[dict]:
 
 
 def _by_study(rows: list[dict], uids: dict[str, str]) -> dict[str, list[dict]]:
-    from mgll_data.sources.midrc import short_hash
+    from mgll_data.sources.midrc.series import short_hash
 
     keys = {"s" + short_hash(uid, 16): name for name, uid in uids.items()}
     out: dict[str, list[dict]] = {}

@@ -9,14 +9,7 @@ from ..errors import UserError
 from ..vocab import Vocabulary
 from .base import ScanResult, Source
 from .chestxray14 import ChestXray14Source
-from .fundus import (
-    AptosSource,
-    EyepacsSource,
-    IdridSource,
-    Messidor2Source,
-    OdirSource,
-    RfmidSource,
-)
+from .fundus import GradedSource, OdirSource, RfmidSource
 from .learnable import LearnableSource
 from .midrc import MidrcCommonsSource, MidrcRicordSource
 from .mimic_cxr import MimicCxrSource
@@ -29,10 +22,11 @@ SOURCES: dict[str, type[Source]] = {
     "midrc_commons": MidrcCommonsSource,
     "odir": OdirSource,
     "rfmid": RfmidSource,
-    "aptos": AptosSource,
-    "eyepacs": EyepacsSource,
-    "idrid": IdridSource,
-    "messidor2": Messidor2Source,
+    # One reader for the graded releases: each pipeline's `release` section sets its layout.
+    "aptos": GradedSource,
+    "eyepacs": GradedSource,
+    "idrid": GradedSource,
+    "messidor2": GradedSource,
 }
 
 

@@ -1,13 +1,12 @@
 """NIH ChestX-ray14: `Data_Entry` CSV (both dialects), split lists, boxes, Box/Kaggle image layouts.
 
-Reference: shared/reference/source-formats.md §2. Columns are selected by name; the 2017
-dialect's CRLF, trailing comma, zero-padded ids and `058Y` ages are normalised; NIH asserts the
-absence of its 14 findings, so those are 0 unless listed, and the labels it never annotates are NaN.
+Columns are selected by name; the 2017 dialect's CRLF, trailing comma, zero-padded ids and
+`058Y` ages are normalised; NIH asserts the absence of its 14 findings, so those are 0 unless
+listed, and the labels it never annotates are NaN.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from pathlib import Path
@@ -17,21 +16,11 @@ from ..errors import UserError
 from .base import ScanResult, Source
 from .splits import hash_fraction
 from .tables import read_csv_table, read_list_file
+from .toolkit import find_file, index_images, parse_age, parse_finite, release_files
 
 DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 ARCHIVE_PATTERN = re.compile(r"^images_\d+\.(tar\.gz|tgz|tar)$")
-_AGE = re.compile(r"^(\d+)\s*([YMD]?)$", re.IGNORECASE)
-_AGE_UNIT_YEARS = {"": 1.0, "Y": 1.0, "M": 1.0 / 12.0, "D": 1.0 / 365.25}
-
-
-def parse_age(raw: str) -> float | None:
-    """`57`, `058Y`, `011M`, `010D` -> years; anything else (or over 120 years) -> None."""
-    match = _AGE.match(raw.strip())
-    if not match:
-        return None
-    years = int(match.group(1)) * _AGE_UNIT_YEARS[match.group(2).upper()]
-    return round(years, 4) if years <= 120 else None
 
 
 def strip_id(raw: str) -> str:
@@ -45,14 +34,6 @@ def in_validation(patient_id: str, fraction: float, salt: str) -> bool:
     return hash_fraction(patient_id, salt) < fraction
 
 
-def _find_first(root: Path, names: tuple[str, ...]) -> Path | None:
-    for name in names:
-        for candidate in (root / name, root / f"{name}.gz"):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
 class ChestXray14Source(Source):
     """Reads the NIH Box layout (tar.gz archives or extracted `images/`) or the Kaggle copy."""
 
@@ -61,10 +42,10 @@ class ChestXray14Source(Source):
         labels = self.pipeline.section("labels")
         self.label_map: dict[str, str] = labels["map"]
         self.box_label_map: dict[str, str] = {**self.label_map, **labels.get("box_map", {})}
-        self.data_entry = _find_first(self.root, DATA_ENTRY_NAMES)
-        self.bbox_file = _find_first(self.root, ("BBox_List_2017.csv",))
-        self.train_val_list = _find_first(self.root, ("train_val_list.txt",))
-        self.test_list = _find_first(self.root, ("test_list.txt",))
+        self.data_entry = _at_root(self.root, DATA_ENTRY_NAMES)
+        self.bbox_file = _at_root(self.root, ("BBox_List_2017.csv",))
+        self.train_val_list = _at_root(self.root, ("train_val_list.txt",))
+        self.test_list = _at_root(self.root, ("test_list.txt",))
         self._archives: list[Path] = []
         frame = labels.get("box_frame")
         self.box_frame = (int(frame[0]), int(frame[1])) if frame else None
@@ -95,9 +76,7 @@ class ChestXray14Source(Source):
         test = set(read_list_file(self.test_list))
         train_val = set(read_list_file(self.train_val_list))
         boxes = self._read_boxes()
-        splits = self.pipeline.section("splits")
-        fraction = float(splits.get("validation_fraction", 0.1))
-        salt = str(splits.get("hash_salt", self.pipeline.name))
+        fraction, salt = self.pipeline.splits.validation_fraction, self.pipeline.splits.hash_salt
         dialect = (
             "2017 original" if self.data_entry.name.startswith("Data_Entry_2017.csv") else "v2020"
         )
@@ -142,7 +121,9 @@ class ChestXray14Source(Source):
 
     def _item(self, item_id, split, image, labels, patient, row, boxes) -> RawItem:
         age_raw = str(row.get("Patient Age", "")).strip()
-        age = parse_age(age_raw) if age_raw else None
+        age = parse_age(age_raw)
+        if age is not None:
+            age = round(age, 4)  # a month or day age in years, without binary noise
         extra: dict = {}
         follow_up = str(row.get("Follow-up #", "")).strip()
         if follow_up.isdigit():
@@ -152,7 +133,7 @@ class ChestXray14Source(Source):
         size = (row.get("OriginalImage[Width"), row.get("Height]"))
         if all(str(v or "").strip().isdigit() for v in size):
             extra["original_size"] = [int(size[0]), int(size[1])]
-        spacing = _float(row.get("OriginalImagePixelSpacing[x"))
+        spacing = parse_finite(row.get("OriginalImagePixelSpacing[x"))
         if spacing is not None:
             # Stored values carry binary noise (0.14300000000000002); six decimals are exact.
             extra["original_pixel_spacing_mm"] = round(spacing, 6)
@@ -197,7 +178,7 @@ class ChestXray14Source(Source):
         boxes: dict[str, list[dict]] = {}
         for row in table.to_dict("records"):
             label = self.box_label_map.get(row["Finding Label"].strip())
-            values = [_float(row.get(k)) for k in ("Bbox [x", "y", "w", "h]")]
+            values = [parse_finite(row.get(k)) for k in ("Bbox [x", "y", "w", "h]")]
             if label is None or any(v is None for v in values):
                 raise UserError(
                     f"{self.bbox_file}: row for {row['Image Index']} has label "
@@ -213,20 +194,13 @@ class ChestXray14Source(Source):
     def _index_images(self) -> tuple[dict[str, str], list[Path]]:
         """Every PNG under the root by file name, and the image archives in name order."""
         files: dict[str, str] = {}
-        archives: list[Path] = []
-        for folder, dirs, names in os.walk(self.root):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(names):
-                if name.lower().endswith(".png"):
-                    files.setdefault(name, os.path.join(folder, name))
-                elif ARCHIVE_PATTERN.match(name):
-                    archives.append(Path(folder) / name)
+        for paths in index_images(self.root, (".png",)).values():
+            for path in paths:
+                files.setdefault(os.path.basename(path), path)
+        archives = [p for p in release_files(self.root) if ARCHIVE_PATTERN.match(p.name)]
         return files, sorted(archives, key=lambda p: p.name)
 
 
-def _float(value) -> float | None:
-    try:
-        number = float(str(value).strip())
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
+def _at_root(root: Path, names: tuple[str, ...]) -> Path | None:
+    """The release's tables sit at its root (`name` or `name.gz`)."""
+    return find_file(root, names, max_depth=0)

@@ -1,6 +1,6 @@
 """MIMIC-CXR (reports, DICOM) + MIMIC-CXR-JPG (JPG, metadata, labels, split).
 
-Reference: shared/reference/source-formats.md §1. The two releases may sit side by side
+The two releases may sit side by side
 (`mimic-cxr/2.0.0/`, `mimic-cxr-jpg/2.0.0/`, also under `physionet.org/files/`) or be merged into
 one folder; each is found by its file names. One item per metadata row (image):
 
@@ -16,7 +16,7 @@ one folder; each is found by its file names. One item per metadata row (image):
   the label CSV is mined from its report text when the pipeline's `labels.missing` is `text`
   (restricted to the CSV's 14 labels, so `annotated_labels` stays true), else quarantined;
 - `extra.study_order`: the study's rank among the patient's studies by StudyDate + StudyTime
-  (0 = first). Dates and times themselves never reach a record (DESIGN §4).
+  (0 = first). Dates and times themselves never reach a record (nothing identifying does).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ..text.labeler import TextLabeler, restrict_labels
 from ..text.sections import conclusion, load_official_rules, section_report
 from .base import ScanResult, Source
 from .tables import read_csv_table
+from .toolkit import decode_text, find_file
 
 METADATA = "mimic-cxr-2.0.0-metadata.csv"
 SPLIT = "mimic-cxr-2.0.0-split.csv"
@@ -83,17 +84,7 @@ def _is_data_tree(folder: Path) -> bool:
 
 def _find(root: Path, name: str) -> Path | None:
     """`name` or `name.gz` under root (the release folders, not their `files/` trees)."""
-    for folder, dirs, names in os.walk(root):
-        depth = len(Path(folder).relative_to(root).parts)
-        dirs[:] = sorted(
-            d for d in dirs if not d.startswith(".") and not _is_data_tree(Path(folder) / d)
-        )
-        if depth >= _MAX_DEPTH:
-            dirs[:] = []
-        for candidate in (name, f"{name}.gz"):
-            if candidate in names:
-                return Path(folder) / candidate
-    return None
+    return find_file(root, (name,), max_depth=_MAX_DEPTH, skip_dir=_is_data_tree)
 
 
 def _group(subject: str) -> str:
@@ -171,14 +162,7 @@ class MimicCxrSource(Source):
         csv_labels = self._read_labels()
         order = self._study_order(meta)
         reports = _ReportReader(self.reports_zip, [p for p in (dicom_root, jpg_root) if p])
-        notes = [
-            f"{self.metadata.name}: {len(meta)} images; images from "
-            f"{'MIMIC-CXR DICOM' if self.image_mode == 'dicom' else 'MIMIC-CXR-JPG'}; labels "
-            f"{self.label_mode}"
-            + (f" ({self.label_file.name})" if self.label_file else "")
-            + f"; reports {reports.describe()}"
-        ]
-        result = ScanResult(items=[], notes=notes)
+        result = ScanResult(items=[], notes=[self._describe(len(meta), reports)])
         filtered = 0
         mined = 0
         sectioned_cache: dict[str, tuple] = {}
@@ -194,11 +178,7 @@ class MimicCxrSource(Source):
                 continue
             split = SPLIT_NAMES.get(splits.get(dicom_id, "").lower())
             if split is None:
-                reason = (
-                    f"in no split of {self.split_file.name}"
-                    if dicom_id not in splits
-                    else f"unknown split {splits[dicom_id]!r}"
-                )
+                reason = self._no_split(dicom_id, splits)
                 result.quarantine.append(QuarantineEntry(item_id, where, "scan", reason))
                 continue
             folder = f"files/{_group(subject)}/p{subject}/s{study}"
@@ -216,19 +196,7 @@ class MimicCxrSource(Source):
                 )
                 continue
             mined += labels_from == "text"
-            extra: dict = {"labels_from": labels_from, "report": report_note}
-            if study in order:
-                extra["study_order"] = order[study]
-            for column, key in (
-                ("PerformedProcedureStepDescription", "procedure"),
-                ("ViewCodeSequence_CodeMeaning", "view_code"),
-                ("PatientOrientationCodeSequence_CodeMeaning", "patient_orientation"),
-            ):
-                value = str(row.get(column, "")).strip()
-                if value:
-                    extra[key] = value
-            if sections:
-                extra["report_sections"] = sorted(sections)
+            extra = _extra(row, labels_from, report_note, order.get(study), sections)
             result.items.append(
                 RawItem(
                     id=item_id,
@@ -251,6 +219,24 @@ class MimicCxrSource(Source):
         return result
 
     # -- pieces -----------------------------------------------------------------------------
+    def _describe(self, images: int, reports: _ReportReader) -> str:
+        """The scan's first note: how many images, and which release each part comes from."""
+        assert self.metadata is not None
+        return (
+            f"{self.metadata.name}: {images} images; images from "
+            f"{'MIMIC-CXR DICOM' if self.image_mode == 'dicom' else 'MIMIC-CXR-JPG'}; labels "
+            f"{self.label_mode}"
+            + (f" ({self.label_file.name})" if self.label_file else "")
+            + f"; reports {reports.describe()}"
+        )
+
+    def _no_split(self, dicom_id: str, splits: dict[str, str]) -> str:
+        """Why an image has no split: absent from the split CSV, or an unknown split name."""
+        assert self.split_file is not None
+        if dicom_id not in splits:
+            return f"in no split of {self.split_file.name}"
+        return f"unknown split {splits[dicom_id]!r}"
+
     def _section_rules_path(self, from_pipeline: str | None) -> Path | None:
         """`--section-rules` (relative to the working directory) or the pipeline's
         `sections.official_rules` (relative to the pipeline file)."""
@@ -366,6 +352,34 @@ class MimicCxrSource(Source):
         return order
 
 
+# Metadata columns kept in `extra` when not blank, under these keys.
+EXTRA_COLUMNS = (
+    ("PerformedProcedureStepDescription", "procedure"),
+    ("ViewCodeSequence_CodeMeaning", "view_code"),
+    ("PatientOrientationCodeSequence_CodeMeaning", "patient_orientation"),
+)
+
+
+def _extra(
+    row: dict[str, str],
+    labels_from: str,
+    report_note: str,
+    study_order: int | None,
+    sections: dict[str, str],
+) -> dict:
+    """An image's `extra`: where its labels and report came from, its study's rank, metadata."""
+    extra: dict = {"labels_from": labels_from, "report": report_note}
+    if study_order is not None:
+        extra["study_order"] = study_order
+    for column, key in EXTRA_COLUMNS:
+        value = str(row.get(column, "")).strip()
+        if value:
+            extra[key] = value
+    if sections:
+        extra["report_sections"] = sorted(sections)
+    return extra
+
+
 def conclusion_text(sections: dict[str, str], order: tuple[str, ...] = ()) -> str:
     """The text labels are mined from: the conclusion (as the official CSVs were made)."""
     from ..text.sections import Sectioned
@@ -402,14 +416,7 @@ class _ReportReader:
         for root in self.roots:
             path = root / member
             if path.is_file():
-                return _decode(path.read_bytes())
+                return decode_text(path.read_bytes())
         if self._zip is not None and member in self._members:
-            return _decode(self._zip.read(self._members[member]))
+            return decode_text(self._zip.read(self._members[member]))
         return None
-
-
-def _decode(data: bytes) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")

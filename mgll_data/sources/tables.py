@@ -6,34 +6,33 @@ fallback; every cell as a string (blank stays blank, never NaN or 0); columns ch
 
 from __future__ import annotations
 
+import gzip
+import io
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from ..errors import UserError
+from .toolkit import decode_text
 
 
 def read_csv_table(path: Path, required: Sequence[str]) -> pd.DataFrame:
     """Read a release CSV as strings; a one-line UserError if unreadable or lacking a column."""
-    last_error: Exception | None = None
-    for encoding in ("utf-8", "latin-1"):
-        try:
-            table = pd.read_csv(
-                path,
-                dtype=str,
-                keep_default_na=False,
-                index_col=False,
-                encoding=encoding,
-                skipinitialspace=False,
-            )
-            break
-        except UnicodeDecodeError as err:
-            last_error = err
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, EOFError) as err:
-            raise UserError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from err
-    else:
-        raise UserError(f"{path}: cannot decode as UTF-8 or Latin-1 ({last_error})")
+    try:
+        data = path.read_bytes()
+        if path.name.lower().endswith(".gz"):
+            data = gzip.decompress(data)
+        table = pd.read_csv(
+            io.StringIO(decode_text(data)),
+            dtype=str,
+            keep_default_na=False,
+            index_col=False,
+            skipinitialspace=False,
+        )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, EOFError, zlib.error) as err:
+        raise UserError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from err
     return require_columns(table, path, required)
 
 
