@@ -24,16 +24,13 @@ from mgll_data.sources.splits import hash_split
 class LabelsCsvSource(Source):
     """`labels.csv` + `images/`: labels from the CSV, texts from the pipeline's templates."""
 
-    def input_files(self) -> list[Path]:
-        return [self.root / "labels.csv"]
-
     def scan(self) -> ScanResult:
         table = self.root / "labels.csv"
         if not table.is_file():
             raise UserError(f"{self.root}: no labels.csv (image,findings) in the release")
         label_map = self.pipeline.section("labels")["map"]  # release name -> vocabulary name
         splits = self.pipeline.section("splits")
-        result = ScanResult(items=[])
+        result = ScanResult(items=[], inputs=[table])  # the file that defines the items
         with open(table, newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):
                 name = row["image"]

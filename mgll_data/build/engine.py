@@ -15,6 +15,7 @@ import shutil
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,12 @@ from ..imaging.raster import ImagePolicy
 from ..publish.card import write_card
 from ..record import SCHEMA_VERSION, SPLITS
 from ..schema import dumps_sorted, record_schema
-from ..sources import Source, make_source
+from ..sources import make_source
 from ..vocab import Vocabulary, load_vocabulary
 from .executors import run_tasks
 from .items import QuarantineEntry, RawItem
 from .pipeline import Pipeline
-from .stages import BuildContext
+from .stages import BuildContext, Task
 from .writer import ShardPlan, ShardStats, ShardWriter, file_sha256, write_json
 
 DEFAULT_ROWS_PER_SHARD = 1000
@@ -220,7 +221,7 @@ def build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> B
     if options.limit is not None:
         items = items[: options.limit]
     plans = plan_shards(items, options.rows_per_shard)
-    fingerprint = _fingerprint(pipeline, vocab, options, source.input_files(), items)
+    fingerprint = _fingerprint(pipeline, vocab, options, scan.inputs, items)
 
     output = OutputDir(out)
     finished = output.prepare(fingerprint, options.resume, options.overwrite)
@@ -247,8 +248,9 @@ def build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> B
     }
     todo = [(plan, chunk) for plan, chunk in plans if plan.name not in finished]
     early = scan.quarantine + duplicates
-    run = _ShardRun(output, record_schema(len(vocab)).arrow_schema(mgll_block), options)
-    stats = run.write(source, todo, early, finished, _context(pipeline, vocab, options), pipeline)
+    run = _ShardRun(output, record_schema(len(vocab)).arrow_schema(mgll_block), options, pipeline)
+    tasks = source.tasks(_planned(todo), scan.archives)
+    stats = run.write(tasks, todo, early, finished, _context(pipeline, vocab, options))
 
     all_stats = [stats[plan.name] for plan, _ in plans]
     entries = [q.to_json() for q in early] + [q for s in all_stats for q in s.quarantine]
@@ -299,42 +301,46 @@ def _context(pipeline: Pipeline, vocab: Vocabulary, options: BuildOptions) -> Bu
     )
 
 
+def _planned(todo: list[tuple[ShardPlan, list[RawItem]]]) -> list[tuple[tuple[str, int], RawItem]]:
+    """Each item to build with its position: (split, index within the split)."""
+    return [((p.split, p.first + k), item) for p, chunk in todo for k, item in enumerate(chunk)]
+
+
 class _ShardRun:
     """Runs the stages over the shards still to write, with a progress bar and `--max-errors`."""
 
-    def __init__(self, output: OutputDir, arrow_schema: pa.Schema, options: BuildOptions):
+    def __init__(
+        self, output: OutputDir, arrow_schema: pa.Schema, options: BuildOptions, pipeline: Pipeline
+    ):
         self.output, self.arrow_schema, self.options = output, arrow_schema, options
+        self.pipeline = pipeline
 
     def write(
         self,
-        source: Source,
+        tasks: Iterator[Task],
         todo: list[tuple[ShardPlan, list[RawItem]]],
         early: list[QuarantineEntry],
         finished: dict[str, ShardStats],
         ctx: BuildContext,
-        pipeline: Pipeline,
     ) -> dict[str, ShardStats]:
         """Write every shard in `todo`; return the stats of all shards, finished ones included."""
         writers: dict[tuple[str, int], ShardWriter] = {}  # position -> the writer of its shard
         for plan, chunk in todo:
             writer = ShardWriter(plan, self.arrow_schema, self.output.tmp, self.output.data)
             writers.update({(plan.split, plan.first + k): writer for k in range(len(chunk))})
-        planned = [
-            ((p.split, p.first + k), item) for p, chunk in todo for k, item in enumerate(chunk)
-        ]
         stats = dict(finished)
         quarantined = len(early) + sum(len(s.quarantine) for s in finished.values())
         if early:
             _check_errors(quarantined, self.options.max_errors, early[-1])
         progress = self.options.progress
         bar = tqdm(
-            total=len(planned),
+            total=sum(len(chunk) for _, chunk in todo),
             unit="img",
-            desc=f"build {pipeline.name}",
+            desc=f"build {self.pipeline.name}",
             disable=None if progress is None else not progress,
         )
         try:
-            for outcome in run_tasks(source.tasks(planned), ctx, self.options.workers):
+            for outcome in run_tasks(tasks, ctx, self.options.workers):
                 writer = writers.pop(outcome.position)
                 writer.add(outcome.position[1], outcome.record)
                 if outcome.quarantine is not None:

@@ -48,6 +48,9 @@ class RawItem:
     boxes: list[dict[str, Any]] = field(default_factory=list)
     box_frame: tuple[int, int] | None = None  # (width, height) boxes refer to; None: the image's
     extra: dict[str, Any] = field(default_factory=dict)
+    # Where a source that supplies its own image bytes (MIDRC's nested zips) finds this item's
+    # image; it travels with the item, so a de-duplicated item always keeps its own file.
+    location: Any = None
 
 
 @dataclass(frozen=True)

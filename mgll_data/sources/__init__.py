@@ -27,6 +27,7 @@ SOURCES: dict[str, type[Source]] = {
     "eyepacs": GradedSource,
     "idrid": GradedSource,
     "messidor2": GradedSource,
+    "graded_fundus": GradedSource,  # any other graded release, laid out by its pipeline alone
 }
 
 

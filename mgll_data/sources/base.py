@@ -7,7 +7,7 @@ import posixpath
 import tarfile
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -21,11 +21,15 @@ from ..vocab import Vocabulary
 
 @dataclass
 class ScanResult:
-    """Everything a source found: the items, and rows it could not place (quarantined)."""
+    """Everything a source found: the items, rows it could not place (quarantined), the
+    metadata files that define the items (for the build fingerprint) and the archives that may
+    hold images (read in one pass by `Source.tasks`)."""
 
     items: list[RawItem]
     quarantine: list[QuarantineEntry] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # facts for the summary (dialect, layout)
+    inputs: list[Path] = field(default_factory=list)
+    archives: list[Path] = field(default_factory=list)
 
 
 class Source(ABC):
@@ -57,18 +61,17 @@ class Source(ABC):
 
     @abstractmethod
     def scan(self) -> ScanResult:
-        """Check the layout (raising UserError naming what is missing), then list the items."""
-
-    @abstractmethod
-    def input_files(self) -> list[Path]:
-        """The metadata files whose content defines the items (for the build fingerprint)."""
+        """Check the layout (raising UserError naming what is missing), then return what was
+        found: the items, the quarantined rows, the input files and any image archives."""
 
     def annotated_labels(self) -> list[str]:
         """The labels this source can assert (vocabulary order): the label map's targets."""
         targets = set(self.pipeline.section("labels").get("map", {}).values())
         return [name for name in self.vocab.names if name in targets]
 
-    def tasks(self, planned: list[tuple[tuple[str, int], RawItem]]) -> Iterator[Task]:
+    def tasks(
+        self, planned: list[tuple[tuple[str, int], RawItem]], archives: Sequence[Path] = ()
+    ) -> Iterator[Task]:
         """Tasks for the planned items in the order they are cheapest to read.
 
         Items whose image is a plain file come first, in the given order; items whose image sits
@@ -79,11 +82,7 @@ class Source(ABC):
             if item.image.member is None:
                 yield Task(pos, item)
         if in_archives:
-            yield from stream_archives(self.archives(), in_archives)
-
-    def archives(self) -> list[Path]:
-        """Archives that may hold images, in reading order (none by default)."""
-        return []
+            yield from stream_archives(archives, in_archives)
 
 
 def stream_archives(

@@ -46,16 +46,13 @@ class ChestXray14Source(Source):
         self.bbox_file = _at_root(self.root, ("BBox_List_2017.csv",))
         self.train_val_list = _at_root(self.root, ("train_val_list.txt",))
         self.test_list = _at_root(self.root, ("test_list.txt",))
-        self._archives: list[Path] = []
         frame = labels.get("box_frame")
         self.box_frame = (int(frame[0]), int(frame[1])) if frame else None
 
     def input_files(self) -> list[Path]:
+        """The metadata files found at the root (the lists, the tables)."""
         files = [self.data_entry, self.bbox_file, self.train_val_list, self.test_list]
         return [f for f in files if f is not None]
-
-    def archives(self) -> list[Path]:
-        return self._archives
 
     def scan(self) -> ScanResult:
         missing = []
@@ -63,8 +60,8 @@ class ChestXray14Source(Source):
             missing.append("Data_Entry_2017_v2020.csv (or Data_Entry_2017.csv, .csv.gz)")
         if self.train_val_list is None or self.test_list is None:
             missing.append("train_val_list.txt and test_list.txt")
-        files, self._archives = self._index_images()
-        if not files and not self._archives:
+        files, archives = self._index_images()
+        if not files and not archives:
             missing.append("images (images/*.png, images_001/images/*.png or images_001.tar.gz)")
         if missing:
             raise UserError(
@@ -81,12 +78,12 @@ class ChestXray14Source(Source):
             "2017 original" if self.data_entry.name.startswith("Data_Entry_2017.csv") else "v2020"
         )
         layouts = [f"{len(files)} image files"] if files else []
-        if self._archives:
-            layouts.append(f"{len(self._archives)} archives read directly")
+        if archives:
+            layouts.append(f"{len(archives)} archives read directly")
         note = f"{self.data_entry.name}: {len(table)} rows ({dialect} dialect); " + " and ".join(
             layouts
         )
-        result = ScanResult(items=[], notes=[note])
+        result = ScanResult(items=[], notes=[note], inputs=self.input_files(), archives=archives)
         for row in table.to_dict("records"):
             name = row["Image Index"].strip()
             native = name.rsplit(".", 1)[0]
@@ -110,7 +107,7 @@ class ChestXray14Source(Source):
                 continue
             if name in files:
                 image = ImageRef(files[name])
-            elif self._archives:
+            elif archives:
                 image = ImageRef("images_*.tar.gz", name)
             else:
                 image = ImageRef(str(self.root / "images" / name))

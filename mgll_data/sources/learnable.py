@@ -16,9 +16,6 @@ REPORTS = "reports.jsonl"
 class LearnableSource(ChestXray14Source):
     """The ChestX-ray14 reader, with each image's report texts as `impression` and `findings`."""
 
-    def input_files(self) -> list[Path]:
-        return [*super().input_files(), self.root / REPORTS]
-
     def scan(self) -> ScanResult:
         path = self.root / REPORTS
         if not path.is_file():
@@ -28,6 +25,7 @@ class LearnableSource(ChestXray14Source):
             report = json.loads(line)
             reports[Path(report["image"]).stem] = report
         result = super().scan()
+        result.inputs.append(path)
         for item in result.items:
             report = reports.get(item.id.split(":", 1)[1])
             if report is not None:

@@ -142,6 +142,7 @@ class MimicCxrSource(Source):
 
     # -- interface --------------------------------------------------------------------------
     def input_files(self) -> list[Path]:
+        """The metadata files found in the release (for the build fingerprint)."""
         files = [self.metadata, self.split_file, self.label_file, self.record_list]
         files += [self.reports_zip, self.section_rules]
         return [f for f in files if f is not None]
@@ -162,7 +163,9 @@ class MimicCxrSource(Source):
         csv_labels = self._read_labels()
         order = self._study_order(meta)
         reports = _ReportReader(self.reports_zip, [p for p in (dicom_root, jpg_root) if p])
-        result = ScanResult(items=[], notes=[self._describe(len(meta), reports)])
+        result = ScanResult(
+            items=[], notes=[self._describe(len(meta), reports)], inputs=self.input_files()
+        )
         filtered = 0
         mined = 0
         sectioned_cache: dict[str, tuple] = {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from ...build.items import QuarantineEntry, RawItem
@@ -20,10 +19,6 @@ class FundusSource(Source):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.labels_config = self.pipeline.section("labels")
-        self._inputs: list[Path] = []
-
-    def input_files(self) -> list[Path]:
-        return list(self._inputs)
 
     def split_of(self, key: str) -> str:
         """train / validation / test by a salted hash of `key` (a patient, an image)."""

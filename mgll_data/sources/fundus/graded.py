@@ -215,8 +215,7 @@ class GradedSource(FundusSource):
         needs_index = any(t.image_folders is None for t in self.layout.tables)
         images = index_images(self.root) if needs_index else {}
         self._check_layout(found, images)
-        self._inputs = [path for _, path in found if path is not None]
-        result = ScanResult(items=[])
+        result = ScanResult(items=[], inputs=[path for _, path in found if path is not None])
         for table, path in found:
             if path is None:
                 if table.if_missing:

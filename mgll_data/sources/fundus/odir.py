@@ -86,7 +86,7 @@ class OdirSource(FundusSource):
         result = ScanResult(items=[])
         if workbook is not None:
             table = self._read_workbook(workbook)
-            self._inputs = [workbook]
+            result.inputs = [workbook]
             eyes = [
                 (row, side, row[f"{side}-Fundus"])
                 for row in table.to_dict("records")
@@ -98,7 +98,7 @@ class OdirSource(FundusSource):
         else:
             assert full_df is not None
             table = read_csv_table(full_df, (*ODIR_COLUMNS, "filename"))
-            self._inputs = [full_df]
+            result.inputs = [full_df]
             eyes = []
             for row in table.to_dict("records"):
                 match = _EYE.search(row["filename"])
@@ -106,7 +106,7 @@ class OdirSource(FundusSource):
                 eyes.append((row, side, row["filename"]))
             note = f"{full_df.name}: {len(table)} eye rows"
         result.notes.append(note)
-        table_name = self._inputs[0].name
+        table_name = result.inputs[0].name
         unknown: Counter[str] = Counter()
         for row, side, filename in eyes:
             self._eye(result, row, side, str(filename).strip(), images, table_name, unknown)

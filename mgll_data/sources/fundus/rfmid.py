@@ -49,8 +49,7 @@ class RfmidSource(FundusSource):
                 f"{self.root}: incomplete RFMiD release; no image folder for the {lacking[0]} "
                 "split (expected e.g. '1. Original Images/a. Training Set/1.png')"
             )
-        result = ScanResult(items=[])
-        self._inputs = [t for t in tables.values() if t is not None]
+        result = ScanResult(items=[], inputs=[t for t in tables.values() if t is not None])
         required = ("ID", "Disease_Risk", *self.column_map)
         for split, _, _ in RFMID_SPLITS:
             path = tables[split]

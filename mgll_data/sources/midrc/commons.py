@@ -101,6 +101,7 @@ class MidrcCommonsSource(MidrcSource):
         )
 
     def input_files(self) -> list[Path]:
+        """The metadata files found in the release (for the build fingerprint)."""
         files = [p for p in self.tables.values() if p is not None]
         return files + [p for p in (self.manifest, self.mrale) if p is not None]
 
@@ -120,7 +121,7 @@ class MidrcCommonsSource(MidrcSource):
             tests=self._tests(nodes["measurement"]),
             mrale=self._mrale(),
         )
-        result = ScanResult(items=[], notes=[])
+        result = ScanResult(items=[], inputs=self.input_files())
         images_by_study = self._zip_images(result)
         study_table = self.tables["imaging_study"]
         assert study_table is not None
@@ -138,7 +139,7 @@ class MidrcCommonsSource(MidrcSource):
                 continue
             result.items.extend(self._study_items(study_uid, studies[study_uid], found, clinical))
         ignored = sum(len(v) for v in images_by_study.values())
-        result.notes.append(self._summary(len(studies), ignored))
+        result.notes.append(self._summary(len(studies), ignored, result.items))
         return result
 
     def _read_nodes(self) -> dict[str, list[dict[str, str]]]:
@@ -208,8 +209,8 @@ class MidrcCommonsSource(MidrcSource):
             )
         return items
 
-    def _summary(self, studies: int, ignored: int) -> str:
-        zips = len({i.path for i in self._where.values()})
+    def _summary(self, studies: int, ignored: int, items: list[RawItem]) -> str:
+        zips = len({item.location.path for item in items})
         return (
             f"{studies} studies in imaging_study; images from {zips} zip(s) read in place"
             + (f"; {ignored} DICOMs of studies not in the node tables ignored" if ignored else "")

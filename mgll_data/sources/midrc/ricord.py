@@ -70,6 +70,7 @@ class MidrcRicordSource(MidrcSource):
         self.annotations = _find_annotation_json(self.root)
 
     def input_files(self) -> list[Path]:
+        """The metadata files found in the release (for the build fingerprint)."""
         return [p for p in (self.metadata, self.annotations) if p is not None]
 
     def annotated_labels(self) -> list[str]:
@@ -87,7 +88,7 @@ class MidrcRicordSource(MidrcSource):
         assert self.metadata is not None and self.annotations is not None
         table = read_csv_table(self.metadata, REQUIRED_METADATA)
         readers, label_notes = self._read_annotations(self.annotations)
-        result = ScanResult(items=[], notes=[])
+        result = ScanResult(items=[], inputs=self.input_files())
         seen_studies: set[str] = set()
         for number, row in enumerate(table.to_dict("records"), start=2):
             study_uid = self._series(result, number, row, readers)

@@ -24,7 +24,7 @@ import hashlib
 import io
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,7 +123,6 @@ class MidrcSource(Source):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._where: dict[str, DicomImage] = {}
         splits = self.pipeline.splits
         # Neither release has a test set, so a pipeline that names no test share draws 10 %.
         stated = "test_fraction" in self.pipeline.section("splits")
@@ -170,13 +169,13 @@ class MidrcSource(Source):
             sex = SEX.get(clean(header.get("PatientSex")).upper())
         if age is None:
             age = parse_age(header.get("PatientAge"))
-        self._where[item_id] = image
         return RawItem(
             id=item_id,
             source=self.pipeline.name,
             split=self.split_of(patient),
             image=ImageRef(image.label, format="dicom"),
             labels=labels,
+            location=image,
             patient_id=patient,
             study_id="s" + short_hash(study_uid, 16) if study_uid else None,
             view=fields["view"] or None,
@@ -187,11 +186,13 @@ class MidrcSource(Source):
             extra=extra,
         )
 
-    def tasks(self, planned: list[tuple[tuple[str, int], RawItem]]) -> Iterator[Task]:
+    def tasks(
+        self, planned: list[tuple[tuple[str, int], RawItem]], archives: Sequence[Path] = ()
+    ) -> Iterator[Task]:
         """Tasks with the image bytes read here: files directly, each zip opened once."""
         by_zip: dict[Path, list[tuple[tuple[str, int], RawItem, DicomImage]]] = {}
         for pos, item in planned:
-            image = self._where.get(item.id)
+            image = item.location
             if image is None:
                 yield Task(pos, item, error="image location unknown (not found by the scan)")
             elif not image.chain:
