@@ -157,12 +157,23 @@ def push(
                 )
             contents[path] = local
 
+    from huggingface_hub.utils import logging as hub_logging
+
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # retries stay quiet; a failure is the one line below
     try:
         return _push(repo_id, contents, sha, private, token, card_only, log)
     except UserError:
         raise
     except Exception as err:  # any Hub/HTTP failure: one redacted line
+        if getattr(getattr(err, "response", None), "status_code", None) == 412:
+            raise UserError(
+                f"push to {repo_id} failed: the repo changed on the Hub during the push (a "
+                "commit landed after it was listed); nothing was committed, push again"
+            ) from None
         raise UserError(redact(f"push to {repo_id} failed: {type(err).__name__}: {err}")) from None
+    finally:
+        hub_logging.set_verbosity(verbosity)
 
 
 def _push(
@@ -178,8 +189,11 @@ def _push(
 
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    # The commit names the head it was computed against: a commit landing in between is a
+    # 412, not merged with this one (which would keep stale files or drop theirs).
+    head = api.repo_info(repo_id, repo_type="dataset").sha
     remote = {}
-    for entry in api.list_repo_tree(repo_id, repo_type="dataset", recursive=True):
+    for entry in api.list_repo_tree(repo_id, repo_type="dataset", recursive=True, revision=head):
         if hasattr(entry, "blob_id"):  # a file, not a folder
             remote[entry.path] = entry
     result = PushResult(repo_id)
@@ -209,6 +223,7 @@ def _push(
             operations,
             commit_message=f"mgll-build-dataset push: {what}",
             repo_type="dataset",
+            parent_commit=head,
         )
         result.commit = getattr(info, "oid", None) or "done"
     for line in result.lines():

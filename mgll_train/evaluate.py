@@ -812,9 +812,19 @@ def write_plots(metrics: dict[str, Any], extras: dict[str, Any], out: Path) -> l
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names) + 2), 4))
     values = [zs["per_label"][n]["auroc"] for n in names]
     ci = [zs["per_label"][n]["ci95"] for n in names]
-    lower = [v - (c[0] if c[0] is not None else v) for v, c in zip(values, ci, strict=True)]
-    upper = [(c[1] if c[1] is not None else v) - v for v, c in zip(values, ci, strict=True)]
-    ax.bar(range(len(names)), values, yerr=[lower, upper], capsize=3, color="#4c72b0")
+    ax.bar(range(len(names)), values, color="#4c72b0")
+    # A percentile interval need not contain the point estimate (few resamples, small splits):
+    # draw each interval about its own midpoint, so [lo, hi] is shown as it is.
+    spans = [(x, c) for x, c in enumerate(ci) if c[0] is not None and c[1] is not None]
+    if spans:
+        ax.errorbar(
+            [x for x, _ in spans],
+            [(lo + hi) / 2 for _, (lo, hi) in spans],
+            yerr=[(hi - lo) / 2 for _, (lo, hi) in spans],
+            fmt="none",
+            ecolor="k",
+            capsize=3,
+        )
     ax.axhline(0.5, color="k", ls="--", lw=0.8)
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
     ax.set(ylim=(0, 1), ylabel="AUROC", title="zero-shot AUROC per label (95 % CI)")
@@ -886,10 +896,25 @@ def load_model_from_checkpoint(path: Path, device: torch.device) -> tuple[Any, d
     return bundle, state
 
 
+def eval_device(name: str) -> torch.device:
+    """``--device`` read as ``fit`` reads it: a known accelerator that is not available here
+    falls back to the CPU; a name torch does not know is an error (not silently the CPU)."""
+    from open_clip_train.distributed import is_device_available
+
+    try:
+        available, known = is_device_available(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a torch device ({err})") from err
+    if known and not available:
+        log.warning("--device %s is not available here; evaluating on the CPU", name)
+        return torch.device("cpu")
+    return torch.device(name)
+
+
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """`mgll-train eval`: write metrics.json, plots; print the table; return the metrics."""
     torch.manual_seed(args.seed)
-    device = torch.device(args.device if torch.cuda.is_available() else "cpu")
+    device = eval_device(args.device)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bundle, state = load_model_from_checkpoint(args.checkpoint, device)
     config = state.get("config") or {}
