@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import warnings
+from copy import deepcopy
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
@@ -94,4 +95,32 @@ def make_dx(
 def to_bytes(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def encode(
+    ds: Dataset,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    *,
+    preamble: bool = True,
+    file_meta: bool = True,
+) -> bytes:
+    """`ds` written in an uncompressed `transfer_syntax` as archives hold DICOM files.
+
+    `preamble=False` drops the 128-byte preamble and the "DICM" prefix but keeps the file meta
+    group; `file_meta=False` writes the bare data set (no preamble, no meta group), the way
+    pre-Part-10 and some PACS exports store it. `ds.PixelData` must already be in the byte
+    order of `transfer_syntax`; `ds` itself is left unchanged.
+    """
+    syntax = UID(transfer_syntax)
+    copy = deepcopy(ds)
+    copy.file_meta.TransferSyntaxUID = syntax
+    buffer = io.BytesIO()
+    if file_meta:
+        copy.save_as(buffer, enforce_file_format=True)
+        data = buffer.getvalue()
+        assert data[128:132] == b"DICM"
+        return data if preamble else data[132:]
+    del copy.file_meta
+    copy.save_as(buffer, implicit_vr=syntax.is_implicit_VR, little_endian=syntax.is_little_endian)
     return buffer.getvalue()

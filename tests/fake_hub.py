@@ -1,12 +1,29 @@
 """A fake Hugging Face Hub on 127.0.0.1 (stdlib only), per shared/reference/dependencies.md §3.
 
-In-memory dataset repos with the endpoints `huggingface_hub` 2.x and `datasets` 5.x call for
-create_repo, create_commit (preupload, LFS batch + PUT, NDJSON commit), tree listing, and file
-download. Clients must run with `HF_ENDPOINT=<url>` and `HF_HUB_DISABLE_XET=1` set before they
-import those libraries. `log` records every request so tests can count uploads.
+In-memory dataset repos behind the endpoints `huggingface_hub` 2.x and `datasets` 5.x call: repo
+creation, info, paginated tree listing, paths-info, preupload, NDJSON commits, file download,
+and both ways file contents reach the Hub:
 
-Repos whose name starts with `forbidden` answer every write with 403 and echo the request's
-Authorization header in the error body, to prove clients keep tokens out of their messages.
+- Xet, the default whenever `hf_xet` is installed: a write token from the Hub
+  (`/api/datasets/{repo}/xet-write-token/{rev}`), then the CAS API on the same server (global
+  dedup query, xorb upload grants with their upload URL and commit, direct `/v1/xorbs`, and
+  `/v1/shards`). Xorbs are parsed (chunk headers; LZ4 and byte-grouped LZ4 chunks decoded), and
+  a shard makes each file it lists whole again from the stored xorbs; the file counts as
+  uploaded only if its bytes hash to the sha256 the shard states, the oid the commit names.
+  Xorb and chunk hashes (keyed BLAKE3) are taken on trust: the standard library lacks BLAKE3.
+- The legacy LFS batch API + PUT (clients with `HF_HUB_DISABLE_XET=1` or without `hf_xet`).
+
+Downloads are plain HTTP `resolve` (no `X-Xet-Hash` header), which every client can read.
+
+What breaks real pushes is answered as the Hub answers it: 401 for a token it does not know
+(anonymous reads of public repos are fine, of private ones 401 RepoNotFound), 409 on creating an
+existing repo, 412 on a commit whose `parentCommit` is not the head, injected faults
+(`fail`: 429 with `Retry-After`, 5xx, once or forever) and listings cut into pages of
+`page_size` with a `Link: rel="next"` header. Repos whose name starts with `forbidden` answer
+every write with 403 and echo the request's Authorization header in the error body, to prove
+clients keep tokens out of their messages. `requests` records every request with its status.
+
+Clients must run with `HF_ENDPOINT=<url>` set before they import those libraries.
 """
 
 from __future__ import annotations
@@ -15,24 +32,228 @@ import base64
 import hashlib
 import json
 import re
+import struct
 import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlencode, urlparse
 
 LFS_SUFFIXES = (".parquet", ".png", ".tar", ".npz")
+INITIAL_SHA = "0" * 40
 
 
 def _blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+# -- the Xet formats (huggingface/xet-core spec/xorb.md, spec/shard.md, spec/api.md) --------------
+
+
+def xet_hash_hex(raw: bytes) -> str:
+    """A 32-byte Xet hash as API paths write it: four little-endian u64 words, in hex."""
+    return "".join(raw[i : i + 8][::-1].hex() for i in range(0, 32, 8))
+
+
+def _lz4_block(src: bytes, out: bytearray) -> None:
+    """Decode one raw LZ4 block onto `out` (which holds any earlier output as history)."""
+    i, end = 0, len(src)
+
+    def length(value: int) -> int:
+        nonlocal i
+        if value == 15:
+            while True:
+                extra = src[i]
+                i += 1
+                value += extra
+                if extra != 255:
+                    break
+        return value
+
+    while i < end:
+        token = src[i]
+        i += 1
+        literals = length(token >> 4)
+        out += src[i : i + literals]
+        i += literals
+        if i >= end:  # the last sequence has literals only
+            break
+        offset = src[i] | src[i + 1] << 8
+        i += 2
+        if not 0 < offset <= len(out):
+            raise ValueError(f"LZ4 match offset {offset} outside the output")
+        remaining = length(token & 15) + 4
+        start = len(out) - offset
+        while remaining:  # an overlapping match repeats the last `offset` bytes
+            piece = out[start : start + min(remaining, offset)]
+            out += piece
+            start += len(piece)
+            remaining -= len(piece)
+
+
+def lz4_decompress(src: bytes) -> bytes:
+    """An LZ4 frame (magic 04 22 4D 18) or a raw LZ4 block, decoded."""
+    out = bytearray()
+    if src[:4] != b"\x04\x22\x4d\x18":
+        _lz4_block(src, out)
+        return bytes(out)
+    flags, i = src[4], 6  # FLG, BD
+    i += (8 if flags & 0x08 else 0) + (4 if flags & 0x01 else 0) + 1  # size, dict id, HC
+    while True:
+        size = int.from_bytes(src[i : i + 4], "little")
+        i += 4
+        if size == 0:  # end mark
+            return bytes(out)
+        block = src[i : i + (size & 0x7FFFFFFF)]
+        i += len(block) + (4 if flags & 0x10 else 0)  # block checksum
+        if size & 0x80000000:
+            out += block
+        else:
+            _lz4_block(block, out)
+
+
+def bg4_ungroup(grouped: bytes) -> bytes:
+    """Undo byte grouping: group k holds bytes k, k+4, k+8, ... of the chunk, in order."""
+    n, out, pos = len(grouped), bytearray(len(grouped)), 0
+    for k in range(4):
+        size = n // 4 + (k < n % 4)
+        out[k::4] = grouped[pos : pos + size]
+        pos += size
+    return bytes(out)
+
+
+def xorb_chunks(xorb: bytes) -> list[bytes]:
+    """The decompressed chunks of a serialized xorb (a trailing xorb footer is ignored)."""
+    chunks, i = [], 0
+    while i < len(xorb) and xorb[i] == 0:  # chunk header version 0; a footer starts otherwise
+        if i + 8 > len(xorb):
+            raise ValueError("xorb ends inside a chunk header")
+        size = int.from_bytes(xorb[i + 1 : i + 4], "little")
+        scheme = xorb[i + 4]
+        unpacked = int.from_bytes(xorb[i + 5 : i + 8], "little")
+        data = xorb[i + 8 : i + 8 + size]
+        if len(data) != size:
+            raise ValueError("xorb ends inside a chunk")
+        i += 8 + size
+        if scheme == 0:
+            raw = data
+        elif scheme == 1:
+            raw = lz4_decompress(data)
+        elif scheme == 2:
+            raw = bg4_ungroup(lz4_decompress(data))
+        else:
+            raise ValueError(f"unknown chunk compression scheme {scheme}")
+        if len(raw) != unpacked:
+            raise ValueError(f"chunk {len(chunks)} unpacks to {len(raw)} bytes, not {unpacked}")
+        chunks.append(raw)
+    if not chunks:
+        raise ValueError("no chunks in the xorb")
+    return chunks
+
+
+@dataclass
+class ShardFile:
+    """One file of a shard's file info section."""
+
+    file_hash: str
+    terms: list[tuple[str, int, int, int]]  # xorb hash, unpacked bytes, chunk start, chunk end
+    sha256: bytes | None
+
+
+def parse_shard(data: bytes) -> list[ShardFile]:
+    """The file info section of an MDB shard (header version 2)."""
+    if len(data) < 48 or struct.unpack_from("<Q", data, 32)[0] != 2:
+        raise ValueError("not an MDB shard of header version 2")
+    files, i = [], 48
+    while True:
+        if i + 48 > len(data):
+            raise ValueError("shard ends before the file info bookend")
+        head = data[i : i + 48]
+        i += 48
+        if head[:32] == b"\xff" * 32:
+            return files
+        flags, count = struct.unpack_from("<II", head, 32)
+        terms = []
+        for _ in range(count):
+            _, unpacked, start, end = struct.unpack_from("<IIII", data, i + 32)
+            terms.append((xet_hash_hex(data[i : i + 32]), unpacked, start, end))
+            i += 48
+        if flags & 1 << 31:  # verification entries
+            i += 48 * count
+        sha256 = None
+        if flags & 1 << 30:  # metadata extension
+            sha256 = data[i : i + 32]
+            i += 48
+        files.append(ShardFile(xet_hash_hex(head[:32]), terms, sha256))
+
+
+def _crc64_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = crc >> 1 ^ (0x9A6C9329AC4BC9B5 if crc & 1 else 0)
+        table.append(crc)
+    return table
+
+
+_CRC64 = _crc64_table()
+
+
+def crc64_nvme(data: bytes) -> int:
+    """CRC-64/NVME (reflected 0xAD93D23594C93659, init and xorout all ones)."""
+    crc = 0xFFFFFFFFFFFFFFFF
+    for byte in data:
+        crc = _CRC64[(crc ^ byte) & 0xFF] ^ crc >> 8
+    return crc ^ 0xFFFFFFFFFFFFFFFF
+
+
+# -- the Hub ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """One request the server answered."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    auth: str
+    status: int = 0
+
+
+@dataclass
+class Fault:
+    """Answer matching requests with `statuses` in turn (the last one forever if `forever`)."""
+
+    method: str
+    pattern: str
+    statuses: list[int]
+    headers: dict[str, str]
+    forever: bool = False
+
+
+@dataclass
+class Grant:
+    """A xorb upload grant: where to PUT the xorb, and what it must be."""
+
+    xorb: str
+    length: int
+    checksum: int
+    data: bytes | None = None
+
+
 class Repo:
-    def __init__(self, private: bool):
+    """A dataset repo: files at the head commit, which of them are LFS, and the head."""
+
+    def __init__(self, repo_id: str, private: bool):
+        self.repo_id = repo_id
         self.private = private
         self.files: dict[str, bytes] = {}
         self.lfs: set[str] = set()
         self.commits = 0
-        self.sha = "0" * 40
+        self.sha = INITIAL_SHA
 
     def entry(self, path: str) -> dict:
         data = self.files[path]
@@ -42,16 +263,42 @@ class Repo:
             item["lfs"] = {"oid": sha, "size": len(data), "pointerSize": 134}
         return item
 
+    def commit(self, changes: dict[str, bytes | None], lfs: Iterable[str] = ()) -> str:
+        """Apply one commit (None deletes a path); return the new head."""
+        lfs = set(lfs)
+        for path, data in changes.items():
+            if data is None:
+                self.files.pop(path, None)
+                self.lfs.discard(path)
+            else:
+                self.files[path] = data
+                (self.lfs.add if path in lfs else self.lfs.discard)(path)
+        self.commits += 1
+        self.sha = hashlib.sha1(f"{self.repo_id}:{self.commits}".encode()).hexdigest()
+        return self.sha
+
 
 class FakeHub:
-    """`with FakeHub() as hub:` serves on `hub.url` from a background thread."""
+    """`with FakeHub(tokens=...) as hub:` serves on `hub.url` from a background thread.
 
-    def __init__(self):
+    `tokens` are the Hub tokens it accepts (all of user `tester`, who may write anywhere);
+    `page_size` caps each page of a tree listing (the Hub's is 1000).
+    """
+
+    def __init__(self, tokens: Iterable[str] = ("hf_dummy_env_token",), page_size: int = 1000):
+        self.tokens = set(tokens)
+        self.page_size = page_size
         self.repos: dict[str, Repo] = {}
-        self.objects: dict[str, bytes] = {}  # LFS store: sha256 -> bytes
-        self.log: list[tuple[str, str]] = []
-        self.auth: set[str] = set()  # Authorization headers seen
-        self.lock = threading.Lock()
+        self.objects: dict[str, bytes] = {}  # file contents by sha256 (LFS PUT or Xet shard)
+        self.uploaded: list[str] = []  # sha256 of every file content received, in order
+        self.xorbs: dict[str, list[bytes]] = {}  # xorb hash -> its decompressed chunks
+        self.grants: dict[str, Grant] = {}
+        self.xet_tokens: dict[str, str] = {}  # CAS access token -> "read" | "write"
+        self.created: list[dict] = []  # bodies of the repo creation requests
+        self.requests: list[Request] = []
+        self.faults: list[Fault] = []
+        self.hooks: dict[str, Callable[[Repo], None]] = {}
+        self.lock = threading.RLock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -65,13 +312,39 @@ class FakeHub:
         self.server.server_close()
 
     def uploads(self) -> list[str]:
-        """LFS objects PUT so far (their oids)."""
-        return [path.rsplit("/", 1)[1] for method, path in self.log if method == "PUT"]
+        """The sha256 of every file content uploaded so far (through Xet or LFS)."""
+        return list(self.uploaded)
+
+    def fail(
+        self,
+        method: str,
+        pattern: str,
+        statuses: list[int],
+        headers: dict[str, str] | None = None,
+        forever: bool = False,
+    ) -> None:
+        """Answer requests `method` on a path matching regex `pattern` with `statuses`."""
+        self.faults.append(Fault(method, pattern, list(statuses), headers or {}, forever))
+
+    def after_listing(self, repo_id: str, hook: Callable[[Repo], None]) -> None:
+        """Run `hook(repo)` once, right after the last page of a listing of `repo_id`."""
+        self.hooks[repo_id] = hook
+
+    def count(self, method: str, pattern: str, status: int | None = None) -> int:
+        """How many `method` requests on paths matching `pattern` (answered `status`)."""
+        return sum(
+            1
+            for r in list(self.requests)
+            if r.method == method
+            and re.fullmatch(pattern, r.path)
+            and (status is None or r.status == status)
+        )
 
 
 def _handler(hub: FakeHub):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        request_record: Request
 
         def log_message(self, *args):  # quiet
             pass
@@ -81,6 +354,7 @@ def _handler(hub: FakeHub):
             if not isinstance(body, bytes):
                 body = json.dumps(body).encode()
                 headers = {"Content-Type": "application/json", **(headers or {})}
+            self.request_record.status = status
             self.send_response(status)
             for key, value in (headers or {}).items():
                 self.send_header(key, value)
@@ -89,24 +363,61 @@ def _handler(hub: FakeHub):
             if not head:
                 self.wfile.write(body)
 
-        def _error(self, status: int, code: str, message: str, head=False):
-            self._send(status, {"error": message}, {"X-Error-Code": code}, head=head)
+        def _error(self, status: int, code: str, message: str, head=False, headers=None):
+            headers = {"X-Error-Code": code, "X-Error-Message": message, **(headers or {})}
+            self._send(status, {"error": message}, headers, head=head)
 
         def _body(self) -> bytes:
             return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
+        def _bearer(self) -> str | None:
+            auth = self.headers.get("Authorization", "")
+            return auth[7:] if auth.startswith("Bearer ") else None
+
+        def _user(self) -> str | None:
+            return "tester" if self._bearer() in hub.tokens else None
+
         def _repo(self, repo_id: str, head=False) -> Repo | None:
+            """The repo, if it exists and this request may read it (else the Hub's error)."""
             repo = hub.repos.get(repo_id)
-            if repo is None:
-                self._error(404, "RepoNotFound", f"Repository {repo_id} not found", head)
+            if repo is None or (repo.private and self._user() is None):
+                status = 401 if self._user() is None else 404  # the Hub hides private repos
+                self._error(status, "RepoNotFound", f"Repository {repo_id} not found", head)
+                return None
             return repo
 
-        def _forbidden(self, repo_id: str) -> bool:
+        def _revision(self, repo: Repo, revision: str, head=False) -> bool:
+            if revision in ("main", repo.sha):
+                return True
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head)
+            return False
+
+        def _writable(self, repo_id: str) -> bool:
+            if self._user() is None:
+                self._error(401, "Unauthorized", "You must be authenticated to write")
+                return False
             if repo_id.split("/")[-1].startswith("forbidden"):
                 auth = self.headers.get("Authorization", "")
                 self._error(403, "Forbidden", f"write access refused for {auth}")
-                return True
-            return False
+                return False
+            return True
+
+        def _fault(self, method: str, path: str) -> bool:
+            with hub.lock:
+                for fault in hub.faults:
+                    if fault.method == method and re.fullmatch(fault.pattern, path):
+                        if not fault.statuses:
+                            continue
+                        status = fault.statuses[0]
+                        if len(fault.statuses) > 1 or not fault.forever:
+                            fault.statuses.pop(0)
+                        break
+                else:
+                    return False
+            self._body()
+            message = f"injected fault {status}"
+            self._error(status, "Injected", message, method == "HEAD", fault.headers)
+            return True
 
         # -- routes -------------------------------------------------------------------
         def do_HEAD(self):
@@ -125,16 +436,26 @@ def _handler(hub: FakeHub):
             url = urlparse(self.path)
             path = unquote(url.path)
             query = parse_qs(url.query)
+            self.request_record = Request(
+                method, path, query, self.headers.get("Authorization", "")
+            )
             with hub.lock:
-                hub.log.append((method, path))
-                hub.auth.add(self.headers.get("Authorization", ""))
+                hub.requests.append(self.request_record)
             head = method == "HEAD"
+            if self._fault(method, path):
+                return
+            if re.match(r"/v\d+/|/xorb-upload/", path):
+                return self._cas(method, path)
+            if self._bearer() is not None and self._user() is None:
+                self._body()
+                message = "Invalid credentials in Authorization header"
+                return self._error(401, "Unauthorized", message, head)
             m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(?:/revision/(.+))?", path)
             if m and method == "GET":
-                return self._info(m.group(1))
+                return self._info(m.group(1), m.group(2) or "main")
             m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)
             if m and method == "GET":
-                return self._tree(m.group(1), m.group(3) or "", query)
+                return self._tree(m.group(1), m.group(2), m.group(3) or "", query)
             m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/paths-info/([^/]+)", path)
             if m and method == "POST":
                 return self._paths_info(m.group(1))
@@ -144,6 +465,9 @@ def _handler(hub: FakeHub):
             m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/commit/([^/]+)", path)
             if m and method == "POST":
                 return self._commit(m.group(1))
+            m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/xet-(read|write)-token/([^/]+)", path)
+            if m and method == "GET":
+                return self._xet_token(m.group(1), m.group(2))
             m = re.fullmatch(r"/datasets/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
             if m and method == "POST":
                 return self._lfs_batch(m.group(1))
@@ -152,13 +476,15 @@ def _handler(hub: FakeHub):
                 return self._lfs_put(m.group(1))
             m = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
             if m and method in ("GET", "HEAD"):
-                return self._resolve(m.group(1), m.group(3), head)
+                return self._resolve(m.group(1), m.group(2), m.group(3), head)
             if path == "/api/repos/create" and method == "POST":
                 return self._create()
             if path == "/api/validate-yaml" and method == "POST":
                 self._body()
                 return self._send(200, {"errors": [], "warnings": []})
             if path == "/api/whoami-v2":
+                if self._user() is None:
+                    return self._error(401, "Unauthorized", "Invalid user token")
                 return self._send(200, {"name": "tester", "type": "user", "orgs": []})
             self._body()
             self._error(404, "EntryNotFound", f"no route {method} {path}", head)
@@ -166,19 +492,21 @@ def _handler(hub: FakeHub):
         def _create(self):
             request = json.loads(self._body() or b"{}")
             repo_id = f"{request.get('organization') or 'tester'}/{request['name']}"
-            if self._forbidden(repo_id):
+            if not self._writable(repo_id):
                 return
             with hub.lock:
+                hub.created.append(request)
                 if repo_id in hub.repos:
                     url = f"{hub.url}/datasets/{repo_id}"
                     body = {"error": "You already created this dataset repo", "url": url}
                     return self._send(409, body, {"X-Error-Code": "RepoExists"})
-                hub.repos[repo_id] = Repo(bool(request.get("private")))
+                private = request.get("visibility") == "private" or bool(request.get("private"))
+                hub.repos[repo_id] = Repo(repo_id, private)
             self._send(200, {"url": f"{hub.url}/datasets/{repo_id}", "name": repo_id})
 
-        def _info(self, repo_id: str):
+        def _info(self, repo_id: str, revision: str):
             repo = self._repo(repo_id)
-            if repo:
+            if repo and self._revision(repo, revision):
                 self._send(
                     200,
                     {
@@ -198,9 +526,9 @@ def _handler(hub: FakeHub):
                     },
                 )
 
-        def _tree(self, repo_id: str, folder: str, query):
+        def _tree(self, repo_id: str, revision: str, folder: str, query):
             repo = self._repo(repo_id)
-            if not repo:
+            if not repo or not self._revision(repo, revision):
                 return
             recursive = query.get("recursive", ["false"])[0].lower() == "true"
             prefix = folder.strip("/") + "/" if folder.strip("/") else ""
@@ -210,15 +538,28 @@ def _handler(hub: FakeHub):
             for path in sorted(repo.files):
                 if not path.startswith(prefix):
                     continue
-                rest = path[len(prefix) :]
-                parts = rest.split("/")
+                parts = path[len(prefix) :].split("/")
                 for depth in range(1, len(parts)):
                     if recursive or depth == 1:
                         folders.add(prefix + "/".join(parts[:depth]))
                 if recursive or len(parts) == 1:
                     entries.append(repo.entry(path))
             dirs = [{"type": "directory", "path": f, "oid": "0" * 40, "size": 0} for f in folders]
-            self._send(200, sorted(dirs, key=lambda d: d["path"]) + entries)
+            listing = sorted(dirs, key=lambda d: d["path"]) + entries
+            cursor = query.get("cursor", [""])[0]
+            start = int(base64.urlsafe_b64decode(cursor).decode()) if cursor else 0
+            page, headers = listing[start : start + hub.page_size], {}
+            if start + hub.page_size < len(listing):
+                after = {k: v[0] for k, v in query.items() if k != "cursor"}
+                after["cursor"] = base64.urlsafe_b64encode(str(start + hub.page_size).encode())
+                link = f"{hub.url}{urlparse(self.path).path}?{urlencode(after)}"
+                headers["Link"] = f'<{link}>; rel="next"'
+            self._send(200, page, headers)
+            if "Link" not in headers:
+                with hub.lock:
+                    hook = hub.hooks.pop(repo_id, None)
+                    if hook is not None:
+                        hook(repo)
 
         def _paths_info(self, repo_id: str):
             body = self._body().decode()
@@ -239,7 +580,7 @@ def _handler(hub: FakeHub):
 
         def _preupload(self, repo_id: str):
             request = json.loads(self._body() or b"{}")
-            if self._forbidden(repo_id) or not self._repo(repo_id):
+            if not self._writable(repo_id) or not self._repo(repo_id):
                 return
             files = [
                 {
@@ -253,6 +594,8 @@ def _handler(hub: FakeHub):
 
         def _lfs_batch(self, repo_id: str):
             request = json.loads(self._body() or b"{}")
+            if not self._writable(repo_id) or not self._repo(repo_id):
+                return
             objects = []
             for obj in request.get("objects", []):
                 item = {"oid": obj["oid"], "size": obj["size"]}
@@ -268,42 +611,48 @@ def _handler(hub: FakeHub):
                 return self._error(400, "BadRequest", "sha256 differs from the oid")
             with hub.lock:
                 hub.objects[oid] = data
+                hub.uploaded.append(oid)
             self._send(200, {})
 
         def _commit(self, repo_id: str):
             lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
-            if self._forbidden(repo_id):
+            if not self._writable(repo_id):
                 return
             repo = self._repo(repo_id)
             if not repo:
                 return
             with hub.lock:
+                changes: dict[str, bytes | None] = {}
+                lfs = set()
                 for line in lines:
                     key, value = line["key"], line["value"]
-                    if key == "file":
-                        repo.files[value["path"]] = base64.b64decode(value["content"])
-                        repo.lfs.discard(value["path"])
+                    if key == "header":
+                        parent = value.get("parentCommit")
+                        if parent is not None and parent != repo.sha:
+                            return self._error(
+                                412,
+                                "PreconditionFailed",
+                                "A commit has happened since. Please refresh and try again.",
+                            )
+                    elif key == "file":
+                        changes[value["path"]] = base64.b64decode(value["content"])
                     elif key == "lfsFile":
                         if value["oid"] not in hub.objects:
                             return self._error(400, "BadRequest", f"missing LFS {value['oid']}")
-                        repo.files[value["path"]] = hub.objects[value["oid"]]
-                        repo.lfs.add(value["path"])
+                        changes[value["path"]] = hub.objects[value["oid"]]
+                        lfs.add(value["path"])
                     elif key == "deletedFile":
-                        repo.files.pop(value["path"], None)
-                        repo.lfs.discard(value["path"])
+                        changes[value["path"]] = None
                     elif key == "deletedFolder":
                         prefix = value["path"].rstrip("/") + "/"
-                        for path in [p for p in repo.files if p.startswith(prefix)]:
-                            repo.files.pop(path)
-                            repo.lfs.discard(path)
-                repo.commits += 1
-                repo.sha = hashlib.sha1(f"{repo_id}:{repo.commits}".encode()).hexdigest()
-            url = f"{hub.url}/datasets/{repo_id}/commit/{repo.sha}"
-            self._send(200, {"commitUrl": url, "commitOid": repo.sha})
+                        changes.update({p: None for p in repo.files if p.startswith(prefix)})
+                sha = repo.commit(changes, lfs)
+            url = f"{hub.url}/datasets/{repo_id}/commit/{sha}"
+            self._send(200, {"commitUrl": url, "commitOid": sha})
 
-        def _resolve(self, repo_id: str, path: str, head: bool):
+        def _resolve(self, repo_id: str, revision: str, path: str, head: bool):
             repo = self._repo(repo_id, head)
-            if not repo:
+            if not repo or not self._revision(repo, revision, head):
                 return
             if path not in repo.files:
                 return self._error(404, "EntryNotFound", f"{path} not found", head)
@@ -313,6 +662,120 @@ def _handler(hub: FakeHub):
             if path in repo.lfs:
                 headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))})
             self._send(200, data, headers, head=head)
+
+        # -- Xet ----------------------------------------------------------------------
+        def _xet_token(self, repo_id: str, scope: str):
+            if (scope == "write" and not self._writable(repo_id)) or not self._repo(repo_id):
+                return
+            token, expires = f"xet_{scope}_{len(hub.xet_tokens)}", int(time.time()) + 3600
+            with hub.lock:
+                hub.xet_tokens[token] = scope
+            headers = {
+                "X-Xet-Cas-Url": hub.url,
+                "X-Xet-Access-Token": token,
+                "X-Xet-Token-Expiration": str(expires),
+            }
+            self._send(200, {"accessToken": token, "exp": expires, "casUrl": hub.url}, headers)
+
+        def _cas(self, method: str, path: str):
+            body = self._body()
+            m = re.fullmatch(r"/xorb-upload/([0-9a-f]+)", path)
+            if m and method == "PUT":  # the grant's URL: like a presigned one, no credentials
+                return self._grant_upload(m.group(1), body)
+            scope = hub.xet_tokens.get(self._bearer() or "")
+            if scope is None or (method == "POST" and scope != "write"):
+                return self._error(401, "Unauthorized", "no valid CAS write token")
+            m = re.fullmatch(r"/v1/chunks/([^/]+)/([0-9a-f]{64})", path)
+            if m and method == "GET":  # global dedup: nothing is shared across sessions here
+                return self._error(404, "NotFound", "chunk not tracked")
+            m = re.fullmatch(r"/v1/xorb-grants/([^/]+)/([0-9a-f]{64})", path)
+            if m and method == "POST":
+                return self._grant(m.group(2), json.loads(body))
+            m = re.fullmatch(r"/v1/xorb-commits/([^/]+)/([0-9a-f]{64})/grant/([0-9a-f]+)", path)
+            if m and method == "POST":
+                return self._grant_commit(m.group(2), m.group(3))
+            m = re.fullmatch(r"/v1/xorbs/([^/]+)/([0-9a-f]{64})", path)
+            if m and method == "POST":
+                return self._xorb(m.group(2), body)
+            if path == "/v1/shards" and method == "POST":
+                return self._shard(body)
+            # e.g. POST /v2/shards: absent, so clients fall back to /v1/shards
+            self._error(404, "NotFound", f"no route {method} {path}")
+
+        def _store_xorb(self, xorb_hash: str, data: bytes) -> bool:
+            try:
+                chunks = xorb_chunks(data)
+            except (ValueError, IndexError) as err:
+                self._error(400, "BadRequest", f"xorb {xorb_hash}: {err}")
+                return False
+            with hub.lock:
+                hub.xorbs[xorb_hash] = chunks
+            return True
+
+        def _xorb(self, xorb_hash: str, data: bytes):
+            inserted = xorb_hash not in hub.xorbs
+            if self._store_xorb(xorb_hash, data):
+                self._send(200, {"was_inserted": inserted})
+
+        def _grant(self, xorb_hash: str, request: dict):
+            if xorb_hash in hub.xorbs:
+                return self._send(200, {})  # already stored: nothing to upload
+            checksum = request.get("checksum") or {}
+            if checksum.get("algo") != "crc64nvme":
+                return self._error(400, "BadRequest", f"unknown checksum {checksum}")
+            grant_id = hashlib.sha1(f"{xorb_hash}:{len(hub.grants)}".encode()).hexdigest()
+            with hub.lock:
+                hub.grants[grant_id] = Grant(
+                    xorb_hash, int(request["length"]), int(checksum["value"])
+                )
+            url = f"{hub.url}/xorb-upload/{grant_id}"
+            self._send(201, {"id": grant_id, "method": "PUT", "url": url, "headers": {}})
+
+        def _grant_upload(self, grant_id: str, data: bytes):
+            grant = hub.grants.get(grant_id)
+            if grant is None:
+                return self._error(404, "NotFound", "no such grant")
+            if len(data) != grant.length or crc64_nvme(data) != grant.checksum:
+                return self._error(400, "BadDigest", "length or CRC-64/NVME differs")
+            grant.data = data
+            self._send(200, b"")
+
+        def _grant_commit(self, xorb_hash: str, grant_id: str):
+            grant = hub.grants.get(grant_id)
+            if grant is None or grant.xorb != xorb_hash or grant.data is None:
+                return self._error(404, "NotFound", "no data uploaded for this grant")
+            inserted = xorb_hash not in hub.xorbs
+            if self._store_xorb(xorb_hash, grant.data):
+                self._send(200, {"was_inserted": inserted})
+
+        def _shard(self, data: bytes):
+            try:
+                files = parse_shard(data)
+            except (ValueError, struct.error) as err:
+                return self._error(400, "BadRequest", f"shard: {err}")
+            contents = []
+            for file in files:
+                parts = []
+                for xorb_hash, unpacked, start, end in file.terms:
+                    chunks = hub.xorbs.get(xorb_hash)
+                    if chunks is None or end > len(chunks) or start >= end:
+                        message = f"file {file.file_hash}: xorb {xorb_hash} [{start}, {end})"
+                        return self._error(400, "BadRequest", message + " not uploaded")
+                    segment = b"".join(chunks[start:end])
+                    if len(segment) != unpacked:
+                        return self._error(400, "BadRequest", f"{xorb_hash}: size differs")
+                    parts.append(segment)
+                content = b"".join(parts)
+                digest = hashlib.sha256(content).digest()
+                if file.sha256 is None or xet_hash_hex(file.sha256) != digest.hex():
+                    return self._error(400, "BadRequest", f"{file.file_hash}: sha256 differs")
+                contents.append(content)
+            with hub.lock:
+                for content in contents:
+                    sha = hashlib.sha256(content).hexdigest()
+                    hub.objects[sha] = content
+                    hub.uploaded.append(sha)
+            self._send(200, {"result": 1})
 
     return Handler
 

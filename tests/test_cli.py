@@ -37,6 +37,7 @@ def test_help_and_list():
     assert "chestxray14" in listing and "redistribution=public" in listing
 
 
+@pytest.mark.wires("mgll-build-dataset demo", "--n")
 def test_demo_validate_info(tmp_path):
     out = tmp_path / "demo"
     result = cli("demo", "--out", str(out), "--n", "24", "--seed", "3", "--image-size", "128")
@@ -77,6 +78,7 @@ def test_user_errors_are_one_line(args, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.wires("mgll-build-dataset build", "--resume")
 def test_killed_build_resumes_to_identical_output(tmp_path):
     root = write_demo_release(tmp_path / "raw", n=40, seed=1)
     common = ["build", "chestxray14", "--root", str(root), "--rows-per-shard", "2", "--no-progress"]

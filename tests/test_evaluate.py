@@ -189,6 +189,7 @@ def test_eval_end_to_end_is_reproducible(checkpoint, tmp_path):
     assert (outs[0] / "table.txt").read_text().startswith("evaluation of")
 
 
+@pytest.mark.wires("mgll-train eval", "--finetune")
 def test_finetune_runs_end_to_end(checkpoint, tmp_path):
     ckpt, data = checkpoint
     result = _run(
@@ -203,6 +204,7 @@ def test_finetune_runs_end_to_end(checkpoint, tmp_path):
         assert 0 <= probe[subset]["macro_auroc"] <= 1
 
 
+@pytest.mark.wires("mgll-train eval", "--tasks")
 def test_eval_rejects_unknown_task(checkpoint, tmp_path, capsys):
     from mgll_train.cli import main
 

@@ -195,14 +195,17 @@ def dataset_to_image(ds: Dataset, voi: str = "auto") -> tuple[Image.Image, dict[
         raise ItemError("image", f"cannot decode DICOM pixel data ({_one_line(err)})") from err
     if arr.ndim == 3 and arr.shape[-1] != 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
         arr = arr[0]  # a decoder that ignored `index`
+    colour_bits = None
     if photometric == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)
         photometric = "RGB"
+        # The colours' range is the LUT entries' depth, not the BitsStored of the indices.
+        colour_bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
     if arr.ndim == 3:
         if photometric not in _COLOUR:
             raise ItemError("image", f"unsupported colour layout {photometric or 'unknown'}")
         conversion.update(colour=photometric, voi="none", inverted=False)
-        return Image.fromarray(_colour_to_uint8(arr, ds), mode="RGB"), conversion
+        return Image.fromarray(_colour_to_uint8(arr, ds, colour_bits), mode="RGB"), conversion
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ItemError("image", f"unsupported photometric interpretation {photometric!r}")
     arr = _clean_unused_bits(arr, ds)
@@ -345,10 +348,12 @@ def _clean_unused_bits(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     return (signed << shift) >> shift
 
 
-def _colour_to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+def _colour_to_uint8(arr: np.ndarray, ds: Dataset, bits: int | None = None) -> np.ndarray:
+    """Colour samples to 8 bits over their range: `bits` (else BitsStored, else 16) bits, or
+    the data's maximum if that is larger."""
     if arr.dtype == np.uint8:
         return arr
-    stored = int(ds.get("BitsStored") or 16)
+    stored = bits or int(ds.get("BitsStored") or 16)
     high = float(max(arr.max(), (1 << stored) - 1 if stored < 64 else arr.max()))
     return np.rint(np.clip(arr.astype(np.float64), 0, high) * (255.0 / high)).astype(np.uint8)
 
