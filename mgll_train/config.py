@@ -21,6 +21,22 @@ from .data.transforms import TEXT_SAMPLINGS
 from .reporting import REPORT_CHOICES
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a batch size, a count)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0 (loader workers: 0 reads in this process)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _weights(text: str) -> tuple[float, float, float]:
     """`--loss-weights a,b,c`: three finite numbers."""
     parts = [float(x) for x in text.split(",")]
@@ -75,7 +91,9 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="block-shuffle rows within runs of N Parquet row groups (fast "
         "reading of large corpora); 0: a uniform permutation (0)",
     )
-    data.add_argument("--workers", type=int, default=2, help="data loader workers per process (2)")
+    data.add_argument(
+        "--workers", type=non_negative_int, default=2, help="data loader workers per process (2)"
+    )
     data.add_argument(
         "--granularities",
         type=_granularities,
@@ -128,7 +146,9 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="gather features with gradients (exact DDP gradients)",
     )
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--batch-size", type=int, default=32, help="per-process batch size (32)")
+    optim.add_argument(
+        "--batch-size", type=positive_int, default=32, help="per-process batch size (32)"
+    )
     optim.add_argument("--epochs", type=int, default=1)
     optim.add_argument("--lr", type=float, default=5e-4)
     optim.add_argument("--wd", type=float, default=0.2, help="weight decay (0.2)")

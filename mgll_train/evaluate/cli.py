@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import load_checkpoint
+from ..config import non_negative_int, positive_int
 from ..data.labels import UNCERTAIN_POLICIES, UNMENTIONED_POLICIES
 from ..errors import UserError
 from .report import clean_metrics, format_table, write_plots
@@ -36,8 +37,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="linear-probe training data (default: the checkpoint's training data)",
     )
     parser.add_argument("--train-split", default=None, help="its split (the checkpoint's: train)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=64, help="images per forward pass (64)"
+    )
+    parser.add_argument(
+        "--workers", type=non_negative_int, default=2, help="data loader workers (2)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (1000)")
     parser.add_argument("--seed", type=int, default=0)
