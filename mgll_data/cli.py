@@ -218,87 +218,111 @@ def _build_options(args: argparse.Namespace):
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit status. User errors raise UserError."""
     args = _parser().parse_args(argv)
-    if args.command == "list":
-        from .build.pipeline import available_pipelines, load_pipeline
+    commands = {
+        "list": _list,
+        "build": _build,
+        "demo": _demo,
+        "push": _push,
+        "merge": _merge,
+        "export": _export,
+        "validate": _validate,
+        "info": _info,
+    }
+    return commands[args.command](args)
 
-        for path in available_pipelines():
-            pipeline = load_pipeline(str(path))
-            licence = pipeline.license
-            redistribution = f"redistribution={licence['redistribution']}"
-            print(f"{pipeline.name:16} {pipeline.domain:11} {redistribution:28} {licence['id']}")
-        return 0
-    if args.command in ("build", "demo"):
-        from .build.engine import build
-        from .build.pipeline import load_pipeline
 
-        if args.command == "demo" and args.learnable:
-            from .demo.controlled_task import build_learnable
+def _list(args: argparse.Namespace) -> int:
+    from .build.pipeline import available_pipelines, load_pipeline
 
-            args.overwrite = not args.resume
-            print(f"writing a learnable synthetic release of {args.n} images to {args.out}/_raw")
-            summary = build_learnable(args.out, args.n, args.seed, _build_options(args))
-            print("\n".join(summary.lines()))
-            return 0
-        if args.command == "demo":
-            from .demo.nih_release import write_demo_release
+    for path in available_pipelines():
+        pipeline = load_pipeline(str(path))
+        licence = pipeline.license
+        redistribution = f"redistribution={licence['redistribution']}"
+        print(f"{pipeline.name:16} {pipeline.domain:11} {redistribution:28} {licence['id']}")
+    return 0
 
-            # The demo is disposable: it always regenerates its release and replaces its build.
-            root = args.out / "_raw"
-            shutil.rmtree(root, ignore_errors=True)
-            print(f"writing a synthetic ChestX-ray14-shaped release of {args.n} images to {root}")
-            write_demo_release(root, n=args.n, seed=args.seed)
-            args.overwrite = not args.resume
-            pipeline = load_pipeline("chestxray14")
-        else:
-            root, pipeline = args.root, load_pipeline(args.pipeline)
-        summary = build(pipeline, root, args.out, _build_options(args))
-        print("\n".join(summary.lines()))
-        if getattr(args, "push_to_hub", None):
-            from .publish.hub import push
 
-            push(args.out, args.push_to_hub, private=args.private, token=args.token)
-        return 0
-    if args.command == "push":
+def _build(args: argparse.Namespace) -> int:
+    from .build.engine import build
+    from .build.pipeline import load_pipeline
+
+    summary = build(load_pipeline(args.pipeline), args.root, args.out, _build_options(args))
+    print("\n".join(summary.lines()))
+    if args.push_to_hub:
         from .publish.hub import push
 
-        push(
-            args.out, args.repo_id, private=args.private, token=args.token, card_only=args.card_only
-        )
-        return 0
-    if args.command == "merge":
-        from .publish.merge import merge
+        push(args.out, args.push_to_hub, private=args.private, token=args.token)
+    return 0
 
-        print("\n".join(merge(args.inputs, args.out, overwrite=args.overwrite)))
-        return 0
-    if args.command == "export":
-        from .publish.export import export
 
-        lines = export(
-            args.out,
-            args.format,
-            args.dest,
-            split=args.split,
-            samples_per_tar=args.samples_per_tar,
-            list_name=args.list_name,
-            overwrite=args.overwrite,
-        )
-        print("\n".join(lines))
-        return 0
-    if args.command == "validate":
-        from .publish.inspect import validate_dataset
+def _demo(args: argparse.Namespace) -> int:
+    """The demo is disposable: it always regenerates its release and replaces its build."""
+    args.overwrite = not args.resume
+    if args.learnable:
+        from .demo.controlled_task import build_learnable
 
-        problems = validate_dataset(args.out)
-        for problem in problems:
-            print(problem)
-        verdict = f"INVALID, {len(problems)} problem(s)" if problems else "valid"
-        print(f"{args.out}: {verdict}")
-        return 1 if problems else 0
-    if args.command == "info":
-        from .publish.inspect import dataset_info
+        print(f"writing a learnable synthetic release of {args.n} images to {args.out}/_raw")
+        summary = build_learnable(args.out, args.n, args.seed, _build_options(args))
+    else:
+        from .build.engine import build
+        from .build.pipeline import load_pipeline
+        from .demo.nih_release import write_demo_release
 
-        print(dataset_info(args.out))
-        return 0
-    raise AssertionError(args.command)
+        root = args.out / "_raw"
+        shutil.rmtree(root, ignore_errors=True)
+        print(f"writing a synthetic ChestX-ray14-shaped release of {args.n} images to {root}")
+        write_demo_release(root, n=args.n, seed=args.seed)
+        summary = build(load_pipeline("chestxray14"), root, args.out, _build_options(args))
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .publish.hub import push
+
+    push(args.out, args.repo_id, private=args.private, token=args.token, card_only=args.card_only)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .publish.merge import merge
+
+    print("\n".join(merge(args.inputs, args.out, overwrite=args.overwrite)))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .publish.export import export
+
+    lines = export(
+        args.out,
+        args.format,
+        args.dest,
+        split=args.split,
+        samples_per_tar=args.samples_per_tar,
+        list_name=args.list_name,
+        overwrite=args.overwrite,
+    )
+    print("\n".join(lines))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .publish.inspect import validate_dataset
+
+    problems = validate_dataset(args.out)
+    for problem in problems:
+        print(problem)
+    verdict = f"INVALID, {len(problems)} problem(s)" if problems else "valid"
+    print(f"{args.out}: {verdict}")
+    return 1 if problems else 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .publish.inspect import dataset_info
+
+    print(dataset_info(args.out))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -15,7 +15,7 @@ import yaml
 from ..build.pipeline import Pipeline
 from ..build.writer import ShardPlan, ShardStats
 from ..record import SPLITS
-from ..schema import record_schema
+from ..schema import RecordSchema, record_schema
 from ..vocab import Vocabulary
 
 # Licence ids the Hugging Face Hub knows; anything else is published as `other` with a name.
@@ -118,7 +118,6 @@ def render_card(
     """The whole card as text; `extra` lines (sections from the shards) go before Columns."""
     header = card_header(pipeline, mgll_block, plans, stats)
     schema = record_schema(len(vocab))
-    licence = pipeline.license
     kind = pipeline.section("texts").get("kind", "labels")
     rows = {s["name"]: s["num_examples"] for s in header["dataset_info"]["splits"]}
     body = [
@@ -156,6 +155,16 @@ def render_card(
         *_prevalence_table(vocab, plans, stats),
         "",
         *extra,
+        *_columns_use_and_licence(pipeline, schema),
+    ]
+    front = yaml.safe_dump(header, sort_keys=False, allow_unicode=True, width=100)
+    return "---\n" + front + "---\n\n" + "\n".join(body)
+
+
+def _columns_use_and_licence(pipeline: Pipeline, schema: RecordSchema) -> list[str]:
+    """The card's closing sections: the columns, how to load it, licence, how to rebuild."""
+    licence = pipeline.license
+    return [
         "## Columns",
         "",
         "| column | meaning |",
@@ -190,8 +199,6 @@ def render_card(
         " input hashes of this build.",
         "",
     ]
-    front = yaml.safe_dump(header, sort_keys=False, allow_unicode=True, width=100)
-    return "---\n" + front + "---\n\n" + "\n".join(body)
 
 
 def write_card(

@@ -65,75 +65,23 @@ def merge(inputs: list[Path], out: Path, overwrite: bool = False) -> list[str]:
     out = Path(out)
     if len(inputs) < 2:
         raise UserError("merge needs at least two datasets")
-    sources: dict[str, dict[str, Any]] = {}
-    blocks, loaded = {}, []
-    for path in inputs:
-        manifest = read_manifest(path)
-        header = read_card_header(path)
-        name = _source_of(path, manifest)
-        if name in {n for n, _, _ in loaded}:
-            other = next(p for n, p, _ in loaded if n == name)
-            raise UserError(
-                f"cannot merge {other} and {path}: both are source {name!r} "
-                "(their ids would collide)"
-            )
-        if not header.get("mgll"):
-            raise UserError(f"{path / 'README.md'}: no 'mgll' block in the YAML header")
-        blocks[path] = header["mgll"]
-        loaded.append((name, path, manifest))
+    loaded, blocks = _load_inputs(inputs)
     check_compatible(blocks)  # before anything else: the one-line refusal names both datasets
-
+    sources: dict[str, dict[str, Any]] = {}
     for name, path, manifest in loaded:
-        mgll = blocks[path]
-        shards = []
-        for entry in manifest.get("shards", []):
-            shard = path / entry["path"]
-            if not shard.is_file() or file_sha256(shard) != entry["sha256"]:
-                raise UserError(f"{shard}: missing or changed since the build (see `validate`)")
-            try:
-                meta = read_mgll_metadata(pq.read_schema(shard), str(shard))
-            except ValueError as err:
-                raise UserError(str(err)) from None
-            if meta != mgll:
-                raise UserError(f"{shard}: 'mgll' metadata differs from {path}'s card")
-            shards.append({**entry, "local": shard, "split": shard.name.split("-", 1)[0]})
-        if not shards:
-            raise UserError(f"{path}: no shards in the manifest")
         config = manifest.get("config") or {}
         sources[name] = {
             "path": path,
-            "mgll": mgll,
-            "shards": shards,
+            "mgll": blocks[path],
+            "shards": _verified_shards(path, manifest, blocks[path]),
             "license": config.get("license") or {},
             "pretty_name": config.get("pretty_name", name),
             "text_kind": (config.get("texts") or {}).get("kind", "labels"),
             "fingerprint": manifest.get("fingerprint"),
         }
-
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out}: exists and is not empty; use --overwrite to replace it")
-        for child in ("data", "_build", "figures", "README.md"):
-            target = out / child
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    (out / "_build").mkdir(parents=True, exist_ok=True)
-
-    manifest_shards = []
-    for name, source in sorted(sources.items()):
-        (out / "data" / name).mkdir(parents=True, exist_ok=True)
-        for shard in source["shards"]:
-            rel = f"data/{name}/{shard['local'].name}"
-            shutil.copyfile(shard["local"], out / rel)
-            shard["rel"] = rel
-            shard["rows"] = pq.ParquetFile(out / rel).metadata.num_rows
-            shard["num_bytes"] = (out / rel).stat().st_size
-            manifest_shards.append({"path": rel, "rows": shard["rows"], "sha256": shard["sha256"]})
-
-    text = render_merged_card(sources)
-    (out / "README.md").write_text(text, encoding="utf-8")
+    _clear_output(out, overwrite)
+    manifest_shards = _copy_shards(sources, out)
+    (out / "README.md").write_text(render_merged_card(sources), encoding="utf-8")
     write_json(
         out / "_build" / "manifest.json",
         {
@@ -152,6 +100,79 @@ def merge(inputs: list[Path], out: Path, overwrite: bool = False) -> list[str]:
         f"merged {len(sources)} datasets ({', '.join(sorted(sources))}) into {out}: "
         f"{rows} rows in {len(manifest_shards)} shards"
     ]
+
+
+def _load_inputs(
+    inputs: list[Path],
+) -> tuple[list[tuple[str, Path, dict[str, Any]]], dict[Path, dict[str, Any]]]:
+    """Each input's source name, path and manifest, and its card's `mgll` block."""
+    blocks: dict[Path, dict[str, Any]] = {}
+    loaded: list[tuple[str, Path, dict[str, Any]]] = []
+    for path in inputs:
+        manifest = read_manifest(path)
+        header = read_card_header(path)
+        name = _source_of(path, manifest)
+        if name in {n for n, _, _ in loaded}:
+            other = next(p for n, p, _ in loaded if n == name)
+            raise UserError(
+                f"cannot merge {other} and {path}: both are source {name!r} "
+                "(their ids would collide)"
+            )
+        if not header.get("mgll"):
+            raise UserError(f"{path / 'README.md'}: no 'mgll' block in the YAML header")
+        blocks[path] = header["mgll"]
+        loaded.append((name, path, manifest))
+    return loaded, blocks
+
+
+def _verified_shards(
+    path: Path, manifest: dict[str, Any], mgll: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The build's shards, each checked against the manifest's hash and the card's block."""
+    shards = []
+    for entry in manifest.get("shards", []):
+        shard = path / entry["path"]
+        if not shard.is_file() or file_sha256(shard) != entry["sha256"]:
+            raise UserError(f"{shard}: missing or changed since the build (see `validate`)")
+        try:
+            meta = read_mgll_metadata(pq.read_schema(shard), str(shard))
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        if meta != mgll:
+            raise UserError(f"{shard}: 'mgll' metadata differs from {path}'s card")
+        shards.append({**entry, "local": shard, "split": shard.name.split("-", 1)[0]})
+    if not shards:
+        raise UserError(f"{path}: no shards in the manifest")
+    return shards
+
+
+def _clear_output(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty `out` unless `overwrite`; then remove what a merge writes there."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out}: exists and is not empty; use --overwrite to replace it")
+        for child in ("data", "_build", "figures", "README.md"):
+            target = out / child
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    (out / "_build").mkdir(parents=True, exist_ok=True)
+
+
+def _copy_shards(sources: dict[str, dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """Copy each source's shards byte for byte to data/{source}/; return the manifest entries."""
+    manifest_shards = []
+    for name, source in sorted(sources.items()):
+        (out / "data" / name).mkdir(parents=True, exist_ok=True)
+        for shard in source["shards"]:
+            rel = f"data/{name}/{shard['local'].name}"
+            shutil.copyfile(shard["local"], out / rel)
+            shard["rel"] = rel
+            shard["rows"] = pq.ParquetFile(out / rel).metadata.num_rows
+            shard["num_bytes"] = (out / rel).stat().st_size
+            manifest_shards.append({"path": rel, "rows": shard["rows"], "sha256": shard["sha256"]})
+    return manifest_shards
 
 
 def _splits_of(shards: list[dict[str, Any]]) -> list[str]:
