@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -77,3 +78,22 @@ def test_ruff_is_clean():
         [sys.executable, "-m", "ruff", "check", str(REPO)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout
+
+
+def test_public_entry_points_keep_their_import_paths():
+    """Code written against the documented paths keeps working after the tree was reorganised."""
+    from mgll_data import labeler
+    from mgll_data.text import labeler as text_labeler
+    from mgll_train import loss
+    from mgll_train.losses import ClipLoss, MGLLLoss, OfficialMGLLLoss
+
+    assert labeler.default_labeler is text_labeler.default_labeler
+    assert labeler.TextLabeler is text_labeler.TextLabeler
+    assert loss.MGLLLoss is MGLLLoss
+    assert isinstance(loss.MGLLLoss(mode="clip"), ClipLoss)
+    assert isinstance(loss.MGLLLoss(mode="mgll-official"), OfficialMGLLLoss)
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {
+        "mgll-build-dataset": "mgll_data.cli:main",
+        "mgll-train": "mgll_train.cli:main",
+    }
