@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import shutil
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,12 +76,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_build_options(demo, disposable=True)
 
-    sub.add_parser("list", help="list the shipped pipelines")
+    sub.add_parser(
+        "list",
+        help="list the shipped pipelines",
+        description="List the shipped pipelines: name, domain, whether the source licence "
+        "allows redistribution, and the licence.",
+    )
 
-    validate = sub.add_parser("validate", help="check a built dataset against the schema")
+    validate = sub.add_parser(
+        "validate",
+        help="check a built dataset against the schema",
+        description="Check the dataset at OUT: every shard's schema and rows against the "
+        "record schema, the card's data files and the manifest's hashes, unique ids and "
+        "patient-disjoint splits. Prints each problem; exit status 1 if there is any.",
+    )
     validate.add_argument("out", type=Path, help="dataset folder")
 
-    info = sub.add_parser("info", help="rows per split and label prevalence of a built dataset")
+    info = sub.add_parser(
+        "info",
+        help="rows per split and label prevalence of a built dataset",
+        description="Print the dataset at OUT in brief: rows per split, and per label the "
+        "positives and their share of the annotated rows in each split.",
+    )
     info.add_argument("out", type=Path, help="dataset folder")
 
     push = sub.add_parser(
@@ -119,7 +135,12 @@ def _parser() -> argparse.ArgumentParser:
         "(JSON lists, .npz images with key 'image', <list>_train.txt / _val.txt).",
     )
     export.add_argument("out", type=Path, help="dataset folder")
-    export.add_argument("--format", required=True, choices=("webdataset", "mgll-json"))
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=("webdataset", "mgll-json"),
+        help="webdataset tar shards, or the reference MGLL code's mgll-json layout",
+    )
     export.add_argument("--out", dest="dest", required=True, type=Path, help="export folder")
     export.add_argument("--split", default=None, help="export only this split")
     export.add_argument(
@@ -264,15 +285,12 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"writing a learnable synthetic release of {args.n} images to {args.out}/_raw")
         summary = build_learnable(args.out, args.n, args.seed, _build_options(args))
     else:
-        from .build.engine import build
-        from .build.pipeline import load_pipeline
-        from .demo.nih_release import write_demo_release
+        from .demo.nih_release import build_demo
 
-        root = args.out / "_raw"
-        shutil.rmtree(root, ignore_errors=True)
-        print(f"writing a synthetic ChestX-ray14-shaped release of {args.n} images to {root}")
-        write_demo_release(root, n=args.n, seed=args.seed)
-        summary = build(load_pipeline("chestxray14"), root, args.out, _build_options(args))
+        print(
+            f"writing a synthetic ChestX-ray14-shaped release of {args.n} images to {args.out}/_raw"
+        )
+        summary = build_demo(args.out, args.n, args.seed, _build_options(args))
     print("\n".join(summary.lines()))
     return 0
 
@@ -326,9 +344,20 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point: user errors become one line on stderr and exit status 2."""
+    """Console entry point: user errors become one line on stderr and exit status 2.
+
+    A reader that stops early (`info OUT | head`) closes the pipe: the command then stops
+    quietly with status 141 (128 + SIGPIPE), what a shell reports for any tool stopped that
+    way, so a script can still tell a cut-short output from a complete one.
+    """
     try:
         status = run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        # Nothing more can reach the reader; point stdout at devnull so that the flush at
+        # exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 141
     except UserError as err:
         print(f"mgll-build-dataset: error: {err}", file=sys.stderr)
         status = 2

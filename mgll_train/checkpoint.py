@@ -71,6 +71,11 @@ def save_checkpoint(path: Path, state: dict[str, Any], latest: Path | None = Non
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint written by `save_checkpoint` (onto the CPU)."""
+    if path.is_dir():
+        raise UserError(
+            f"{path}: a folder, not a checkpoint; expected a .pt file written by mgll-train fit "
+            f"(an exported model folder is loaded with open_clip as 'local-dir:{path}')"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:

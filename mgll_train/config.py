@@ -18,6 +18,7 @@ from mgll_data.record import GRANULARITIES
 
 from .data.labels import UNCERTAIN_POLICIES, UNMENTIONED_POLICIES
 from .data.transforms import TEXT_SAMPLINGS
+from .errors import UserError
 from .reporting import REPORT_CHOICES
 
 
@@ -149,7 +150,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument(
         "--batch-size", type=positive_int, default=32, help="per-process batch size (32)"
     )
-    optim.add_argument("--epochs", type=int, default=1)
+    optim.add_argument("--epochs", type=int, default=1, help="passes over the training data (1)")
     optim.add_argument("--lr", type=float, default=5e-4)
     optim.add_argument("--wd", type=float, default=0.2, help="weight decay (0.2)")
     optim.add_argument("--beta1", type=float, default=0.9)
@@ -203,6 +204,10 @@ def parse_fit_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argp
     args = parser.parse_args(argv)
     if args.train_data is None:
         parser.error("--train-data is required (on the command line or in --config)")
+    if args.epochs < 1:  # checked here, not by argparse, so a --config value is checked too
+        raise UserError(
+            f"--epochs must be a positive integer, got {args.epochs}: nothing would be trained"
+        )
     return args
 
 

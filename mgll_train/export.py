@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import load_checkpoint
 from .errors import UserError
-from .model import register_model_configs
+from .model import register_model_configs, weights_loaded_next
 
 
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:
@@ -28,7 +28,8 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     weights = {k: v.detach().contiguous() for k, v in state["state_dict"].items()}
     if "logit_bias" in weights:
         model_cfg["init_logit_bias"] = float(weights["logit_bias"])
-    model = open_clip.create_model(model_name, pretrained=None)
+    with weights_loaded_next():  # only its preprocessing config is read; the weights are saved
+        model = open_clip.create_model(model_name, pretrained=None)
     preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
     out.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}

@@ -112,6 +112,8 @@ class Trainer:
         self.reporter = reporter
         self.start = start
         self.step = start.step
+        self.epoch = start.epoch  # epochs completed
+        self.last_loss: torch.Tensor | None = None  # of this run's last step
 
     def run(self) -> bool:
         """Train to the last epoch or `--max-steps`; return True when SIGTERM stopped the run."""
@@ -124,14 +126,29 @@ class Trainer:
             if progress.stopped:
                 return True
             finished = progress.batch >= self.parts.feed.steps_per_epoch
+            if finished:
+                self.epoch = epoch + 1
             self._end_epoch(epoch, finished)
             if self.step >= self.parts.total_steps:
                 if self.session.is_master and not finished:  # --max-steps ended it mid-epoch
                     self._save(f"step_{self.step}.pt", epoch, progress.batch, progress.unit)
                 break
-        if self.session.is_master:
-            log.info("done: %d steps; checkpoints in %s", self.step, self.session.run.checkpoints)
         return False
+
+    def summary(self, start: Position, seconds: float) -> str:
+        """The line that ends a run: steps, epochs, final loss, wall time, where the weights are."""
+        checkpoints = self.session.run.checkpoints
+        if self.step == start.step:
+            return (
+                f"nothing to train: step {self.step} of {self.parts.total_steps} already done "
+                f"(epoch {self.epoch} of {self.args.epochs}); checkpoints in {checkpoints}"
+            )
+        loss = f"{float(self.last_loss):.4f}" if self.last_loss is not None else "n/a"
+        return (
+            f"done: {self.step - start.step} steps this run (step {self.step} of "
+            f"{self.parts.total_steps}), {self.epoch} of {self.args.epochs} epochs complete, "
+            f"final loss {loss}, {seconds:.1f} s; checkpoints in {checkpoints}"
+        )
 
     def _run_epoch(self, epoch: int, stop: _StopFlag) -> _EpochProgress:
         """The steps of one epoch (from the start position's batch when resuming into it)."""
@@ -178,6 +195,7 @@ class Trainer:
             grad_clip_norm=self.args.grad_clip_norm,
         )
         self.step += 1
+        self.last_loss = losses["loss"]  # a tensor: reading it every step would sync the GPU
         return losses
 
     def _end_epoch(self, epoch: int, finished: bool) -> None:

@@ -8,7 +8,10 @@ weights are not cached.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -22,6 +25,26 @@ from .errors import UserError
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 MAX_LOGIT_SCALE = math.log(100.0)  # the scale s = exp(logit_scale) is clamped to at most 100
 DEFAULT_LOGIT_BIAS = -10.0
+
+
+class _RandomInitWarningFilter(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def weights_loaded_next() -> Iterator[None]:
+    """Silence open_clip's random-initialisation warning while creating a model whose trained
+    weights the caller loads next (export, eval, resume): there the warning is untrue."""
+    root = logging.getLogger()  # open_clip warns through the root logger
+    quiet = _RandomInitWarningFilter()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 @cache
@@ -53,12 +76,15 @@ def create_model(
     lock_image: bool = False,
     lock_text: bool = False,
     grad_checkpointing: bool = False,
+    weights_follow: bool = False,
 ) -> ModelBundle:
     """Create an open_clip model with a learnable point-wise bias.
 
     ``pretrained`` is an open_clip tag or a path to a checkpoint; ``None`` means random
     initialisation (the tests and CPU runs). ``lock_image``/``lock_text`` freeze a tower as
-    open_clip's ``--lock-image``/``--lock-text`` do.
+    open_clip's ``--lock-image``/``--lock-text`` do. ``weights_follow``: the caller loads
+    trained weights into the model next, so open_clip's random-initialisation warning is
+    silenced.
     """
     register_model_configs()
     if model_name not in open_clip.list_models() and not model_name.startswith(
@@ -68,14 +94,15 @@ def create_model(
             f"unknown model {model_name!r}; use an open_clip model name "
             f"(e.g. ViT-B-16) or one shipped with mgll_train: {shipped_models()}"
         )
-    model = open_clip.create_model(
-        model_name,
-        pretrained=pretrained,
-        precision=precision,
-        device=device,
-        output_dict=True,
-        init_logit_bias=init_logit_bias,
-    )
+    with weights_loaded_next() if weights_follow else contextlib.nullcontext():
+        model = open_clip.create_model(
+            model_name,
+            pretrained=pretrained,
+            precision=precision,
+            device=device,
+            output_dict=True,
+            init_logit_bias=init_logit_bias,
+        )
     if lock_image:
         model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=False)
     if lock_text:

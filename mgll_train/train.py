@@ -40,6 +40,7 @@ _train_step = train_step
 
 def fit(args: argparse.Namespace) -> Path:
     """Train as `args` says; return the run directory."""
+    started = time.time()
     session = start_session(args)
     parts = build_training(args, session)
     position = resume(args, session, parts) if args.resume else Position()
@@ -51,11 +52,14 @@ def fit(args: argparse.Namespace) -> Path:
         if session.is_master
         else None
     )
+    trainer = Trainer(args, session, parts, config, reporter, position)
     try:
-        stopped = Trainer(args, session, parts, config, reporter, position).run()
+        stopped = trainer.run()
     finally:
         if reporter is not None:
             reporter.close()
+    if session.is_master and not stopped:
+        log.info(trainer.summary(position, time.time() - started))
     if stopped:  # SIGTERM: leave at once, without waiting for the other ranks
         return session.run.root
     if session.world_size > 1:
@@ -81,6 +85,10 @@ def start_session(args: argparse.Namespace) -> Session:
     session = Session(
         torch.device(dist["device"]), rank, world_size, name, Run(Path(args.logs) / name)
     )
+    if not args.resume:
+        refuse_existing_run(session.run)
+    if world_size > 1:  # every rank has looked before the master creates the folder
+        torch.distributed.barrier()
     if session.is_master:
         session.run.checkpoints.mkdir(parents=True, exist_ok=True)
     if world_size > 1:
@@ -89,6 +97,20 @@ def start_session(args: argparse.Namespace) -> Session:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     return session
+
+
+def refuse_existing_run(run: Run) -> None:
+    """A fresh `fit` never writes into a run folder that already holds a run (as open_clip):
+    its checkpoints would be replaced and its logs appended to."""
+    if any((run.root / part).exists() for part in _RUN_FILES):
+        raise UserError(
+            f"{run.root} already holds a run; pass --resume latest to continue it, "
+            "or choose another --name"
+        )
+
+
+# What `fit` writes into a run folder; any of them means the folder holds a run.
+_RUN_FILES = ("checkpoints", "out.log", "config.yaml", "params.txt", "metrics.jsonl")
 
 
 def _setup_logging(run: Run, is_master: bool) -> None:
@@ -110,6 +132,7 @@ def build_training(args: argparse.Namespace, session: Session) -> TrainingParts:
         args.model,
         args.pretrained,
         device=session.device,
+        weights_follow=bool(args.resume),
         init_logit_bias=DEFAULT_LOGIT_BIAS if objective.uses_logit_bias else None,
         lock_image=args.lock_image,
         lock_text=args.lock_text,

@@ -63,7 +63,7 @@ def test_validate_finds_tampering(tmp_path):
     [
         (("build", "chestxray14", "--root", "/nonexistent", "--out", "/tmp/x"), "not a directory"),
         (("build", "nosuchpipeline", "--root", ".", "--out", "/tmp/x"), "unknown pipeline"),
-        (("validate", "/nonexistent"), "no README.md"),
+        (("validate", "/nonexistent"), "/nonexistent: no such folder"),
         (
             ("build", "chestxray14", "--root", "/tmp", "--out", "/tmp/x", "--workers", "0"),
             "positive integer",

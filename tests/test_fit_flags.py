@@ -485,7 +485,8 @@ def test_flag_reaches_the_step1_loss(data, logs, baseline, tmp_path, flags, sett
     config = tmp_path / "run.yaml"
     config.write_text("loss: clip\nbatch-size: 6\n")
     flags = [str(config) if f == "{config}" else f for f in flags]
-    name = "case-" + re.sub(r"[^a-z0-9]+", "_", str(sorted(settings.items())))
+    # two cases may share settings: tmp_path's name keeps their run names apart
+    name = "case-" + re.sub(r"[^a-z0-9]+", "_", str(sorted(settings.items()))) + tmp_path.name
     run = fit(logs, name, data["train"], *flags)
     record = records(run)[0]
     expected = expected_step1(data, **settings)

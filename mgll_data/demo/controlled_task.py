@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
-from .nih_release import _is_test_patient, write_release_tables
+from .nih_release import _is_test_patient, bar_disabled, write_release_tables
 
 FINDINGS = (
     "Atelectasis",
@@ -227,9 +228,16 @@ def report_texts(case: dict[str, dict[str, Any]]) -> tuple[str, str]:
     return description, f"{findings} {negatives}".strip()
 
 
-def write_learnable_release(root: Path, n: int = 2000, seed: int = 0, image_size: int = 64) -> Path:
-    """The release (ChestX-ray14 layout) plus ``reports.jsonl``; deterministic for a seed."""
+def write_learnable_release(
+    root: Path, n: int = 2000, seed: int = 0, image_size: int = 64, progress: bool | None = False
+) -> Path:
+    """The release (ChestX-ray14 layout) plus ``reports.jsonl``; deterministic for a seed.
+
+    `progress`: show a bar (None: when stderr is a terminal)."""
     rng = np.random.default_rng([seed, 4242])
+    bar = tqdm(
+        total=n, desc="generate learnable release", unit="img", disable=bar_disabled(progress)
+    )
     root.mkdir(parents=True, exist_ok=True)
     rows, reports, train_val, test = [], [], [], []
     patient = 0
@@ -252,6 +260,8 @@ def write_learnable_release(root: Path, n: int = 2000, seed: int = 0, image_size
             description, explanation = report_texts(case)
             reports.append({"image": name, "description": description, "explanation": explanation,
                             "case": case})  # fmt: skip
+            bar.update()
+    bar.close()
     write_release_tables(root, rows, train_val, test)
     with open(root / "reports.jsonl", "w", encoding="utf-8") as f:
         for report in reports:
@@ -260,13 +270,14 @@ def write_learnable_release(root: Path, n: int = 2000, seed: int = 0, image_size
 
 
 def build_learnable(out: Path, n: int, seed: int, options: Any) -> Any:
-    """Write the release under ``out/_raw`` and build it with the `learnable` pipeline."""
+    """Write the release under ``out/_raw`` and build it with the `learnable` pipeline, whose
+    card says the data is synthetic."""
     import shutil
 
     from ..build.engine import build
-    from ..build.pipeline import load_pipeline
+    from .pipelines import learnable_pipeline
 
     root = out / "_raw"
     shutil.rmtree(root, ignore_errors=True)
-    write_learnable_release(root, n=n, seed=seed)
-    return build(load_pipeline("learnable"), root, out, options)
+    write_learnable_release(root, n=n, seed=seed, progress=options.progress)
+    return build(learnable_pipeline(n, seed), root, out, options)

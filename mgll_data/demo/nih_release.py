@@ -11,9 +11,11 @@ from __future__ import annotations
 import csv
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from .synthetic import synthetic_radiograph
 
@@ -70,12 +72,17 @@ def _is_test_patient(patient: int, seed: int) -> bool:
     return digest[0] < 0.2 * 256
 
 
-def write_demo_release(root: Path, n: int = 200, seed: int = 0, image_size: int = 1024) -> Path:
-    """Write a synthetic release of `n` images under `root` (deterministic for a seed)."""
+def write_demo_release(
+    root: Path, n: int = 200, seed: int = 0, image_size: int = 1024, progress: bool | None = False
+) -> Path:
+    """Write a synthetic release of `n` images under `root` (deterministic for a seed).
+
+    `progress`: show a bar (None: when stderr is a terminal, as the build's bar does)."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     rows, boxes, train_val, test = [], [], [], []
     patient, image_no = 0, 0
+    bar = tqdm(total=n, desc="generate demo release", unit="img", disable=bar_disabled(progress))
     while len(rows) < n:
         patient += 1
         age, sex = int(rng.integers(1, 95)), str(rng.choice(["M", "F"]))
@@ -110,8 +117,29 @@ def write_demo_release(root: Path, n: int = 200, seed: int = 0, image_size: int 
                     w, h = rng.uniform(40, 300, 2)
                     boxes.append([name, _BOX_NAME.get(finding, finding), x, y, w, h])
             image_no += 1
+            bar.update()
+    bar.close()
     write_release_tables(root, rows, train_val, test, boxes)
     return root
+
+
+def bar_disabled(progress: bool | None) -> bool | None:
+    """tqdm's `disable`: None lets tqdm hide the bar when stderr is not a terminal."""
+    return None if progress is None else not progress
+
+
+def build_demo(out: Path, n: int, seed: int, options: Any) -> Any:
+    """Write the release under ``out/_raw`` and build it with the demo's `chestxray14` pipeline,
+    whose card says the data is synthetic."""
+    import shutil
+
+    from ..build.engine import build
+    from .pipelines import demo_pipeline
+
+    root = out / "_raw"
+    shutil.rmtree(root, ignore_errors=True)
+    write_demo_release(root, n=n, seed=seed, progress=options.progress)
+    return build(demo_pipeline(n, seed), root, out, options)
 
 
 def write_release_tables(

@@ -120,9 +120,11 @@ def render_card(
     schema = record_schema(len(vocab))
     kind = pipeline.section("texts").get("kind", "labels")
     rows = {s["name"]: s["num_examples"] for s in header["dataset_info"]["splits"]}
+    notice = _card_settings(pipeline).get("notice")
     body = [
         f"# {header['pretty_name']}",
         "",
+        *([f"> {notice}", ""] if notice else []),
         pipeline.description,
         "",
         f"Built with `mgll-build-dataset` (pipeline `{pipeline.name}`, record schema "
@@ -161,6 +163,41 @@ def render_card(
     return "---\n" + front + "---\n\n" + "\n".join(body)
 
 
+def _card_settings(pipeline: Pipeline) -> dict[str, str]:
+    """The pipeline's optional `card:` block. A synthetic dataset (the demos) sets `notice`, a
+    sentence shown under the title, and `rebuild`, the command that regenerates it; it then has
+    no source release to cite or rebuild from."""
+    return {str(k): str(v) for k, v in (pipeline.raw.get("card") or {}).items()}
+
+
+def _citation_and_rebuild(pipeline: Pipeline) -> list[str]:
+    """What to cite and how to rebuild: the source release's, or a synthetic dataset's own."""
+    settings = _card_settings(pipeline)
+    if "rebuild" in settings:
+        return [
+            "This dataset is synthetic: there is no source release to cite.",
+            "",
+            "## Regenerate",
+            "",
+            "```",
+            settings["rebuild"],
+            "```",
+        ]
+    return [
+        "Cite the original release:",
+        "",
+        "```",
+        str(pipeline.license.get("citation", "")).strip(),
+        "```",
+        "",
+        "## Rebuild from the raw release",
+        "",
+        "```",
+        f"mgll-build-dataset build {pipeline.name} --root RAW --out OUT",
+        "```",
+    ]
+
+
 def _columns_use_and_licence(pipeline: Pipeline, schema: RecordSchema) -> list[str]:
     """The card's closing sections: the columns, how to load it, licence, how to rebuild."""
     licence = pipeline.license
@@ -183,17 +220,7 @@ def _columns_use_and_licence(pipeline: Pipeline, schema: RecordSchema) -> list[s
         f"Licence: {licence.get('id')} ({licence.get('url', '')}); redistribution: "
         f"{licence.get('redistribution')}.",
         "",
-        "Cite the original release:",
-        "",
-        "```",
-        str(licence.get("citation", "")).strip(),
-        "```",
-        "",
-        "## Rebuild from the raw release",
-        "",
-        "```",
-        f"mgll-build-dataset build {pipeline.name} --root RAW --out OUT",
-        "```",
+        *_citation_and_rebuild(pipeline),
         "",
         "`_build/manifest.json` beside the data records the exact options, library versions and"
         " input hashes of this build.",

@@ -20,6 +20,10 @@ from ..schema import record_schema, validate_row
 
 def read_card_header(out: Path) -> dict[str, Any]:
     """The YAML header of `out/README.md`."""
+    if not out.exists():
+        raise UserError(f"{out}: no such folder")
+    if not out.is_dir():
+        raise UserError(f"{out}: not a folder (expected a built mgll dataset)")
     card = out / "README.md"
     if not card.is_file():
         raise UserError(f"{out}: no README.md (not a built mgll dataset?)")

@@ -78,6 +78,7 @@ def load_model_from_checkpoint(path: Path, device: torch.device) -> tuple[Any, d
         None,
         device=device,
         init_logit_bias=DEFAULT_LOGIT_BIAS if has_bias else None,
+        weights_follow=True,
     )
     bundle.model.load_state_dict(state["state_dict"])
     bundle.model.eval()
