@@ -536,6 +536,7 @@ def test_for_processing_sop_class_alone_is_skipped():
     assert "PresentationIntentType" not in extra
 
 
+@pytest.mark.filterwarnings("ignore:Expected implicit VR")  # the broken file below
 def test_read_errors_say_what_failed(tmp_path):
     err = _error(str(tmp_path))  # a folder: not readable as a file
     assert err.reason.startswith("cannot read DICOM file (") and "Is a directory" in err.reason

@@ -17,6 +17,7 @@ matrices written out pair by pair here, never from ``mgll_train.loss`` itself:
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 import warnings
@@ -27,7 +28,15 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mgll_train.loss import MGLLLoss, label_cooccurrence, text_ids_for
+from mgll_train.loss import (
+    ClipLoss,
+    MGLLLoss,
+    OfficialMGLLLoss,
+    create_loss,
+    label_cooccurrence,
+    text_ids_for,
+)
+from mgll_train.losses.common import global_logits, prepare_inputs
 from tests.test_loss import official_reference, py_mgll
 
 NAN = float("nan")
@@ -209,6 +218,21 @@ def test_ids_and_targets_keep_their_dtypes_even_when_empty_or_low_precision():
             assert c.tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
 
 
+def test_global_logits_bring_the_targets_unless_told_not_to():
+    """On one process the global batch is the batch: its logits, and its labels and text ids
+    unless ``with_targets=False`` (an objective with 1:1 targets needs neither)."""
+    img, txt = _features(3, 2, 13)
+    labels, ids = torch.eye(3), torch.tensor([[0, 1, 1], [2, 2, 3]])
+    inputs = prepare_inputs(img, txt, 4.0, None, labels, ids)
+    batch = global_logits(inputs, 0, 1, False, False)
+    assert batch.labels is labels and batch.text_ids is ids
+    assert (batch.rows, batch.n) == (slice(0, 3), 3)
+    torch.testing.assert_close(batch.i2t, 4.0 * img @ txt.transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(batch.t2i, batch.i2t.transpose(1, 2), rtol=0, atol=0)
+    bare = global_logits(inputs, 0, 1, False, False, with_targets=False)
+    assert bare.labels is None and bare.text_ids is None
+
+
 def test_one_common_label_negative_in_both_rows_is_a_positive_pair():
     """Two rows whose only commonly annotated label is negative: two empty positive sets (1)."""
     labels = torch.tensor([[0.0, NAN, 1.0], [0.0, 1.0, NAN], [NAN, NAN, 0.0]])
@@ -357,6 +381,62 @@ def test_official_mode_on_one_process_with_text_ids_is_silent():
         MGLLLoss(mode="mgll-official"), img, txt, 10.0, text_ids=torch.zeros(2, 4).long()
     )
     assert messages == []
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+def _fit_flags(loss: str) -> argparse.Namespace:
+    """The loss flags of ``mgll-train fit`` as its parser leaves them, none at its default."""
+    return argparse.Namespace(
+        loss=loss,
+        soft_target="overlap",
+        loss_weights=(0.5, 2.0, 3.0),
+        pointwise_target="graded",
+        gather_with_grad=True,
+        local_loss=True,
+    )
+
+
+def test_create_loss_passes_every_fit_flag_to_the_objective():
+    mgll = create_loss(_fit_flags("mgll"), rank=1, world_size=2)
+    assert type(mgll) is MGLLLoss
+    assert (mgll.soft_target, mgll.weights, mgll.pointwise_target) == (
+        "overlap",
+        (0.5, 2.0, 3.0),
+        "graded",
+    )
+    official = create_loss(_fit_flags("mgll-official"), rank=1, world_size=3)
+    assert type(official) is OfficialMGLLLoss and official.weights == (0.5, 2.0, 3.0)
+    clip = create_loss(_fit_flags("clip"), rank=2, world_size=3)
+    assert type(clip) is ClipLoss
+    for loss, (rank, world) in ((mgll, (1, 2)), (official, (1, 3)), (clip, (2, 3))):
+        assert (loss.rank, loss.world_size) == (rank, world)
+        assert loss.gather_with_grad is True and loss.local_loss is True
+
+
+def test_official_mode_through_mgll_loss_keeps_its_weights():
+    """``MGLLLoss(mode="mgll-official", weights=...)`` weights the reference's terms."""
+    img, txt = _features(4, 2, 12)
+    ids = torch.tensor([[0, 1, 1, 2], [0, 1, 2, 3]])
+    loss_fn = MGLLLoss(mode="mgll-official", weights=(2.0, 0.0, 0.5))
+    assert type(loss_fn) is OfficialMGLLLoss and loss_fn.weights == (2.0, 0.0, 0.5)
+    out = loss_fn(img.abs(), txt.abs(), 10.0, text_ids=ids)
+    expected = 2.0 * out["soft_contrastive"] + 0.5 * out["kl"]
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-12, atol=0)
+    assert out["kl"].item() > 0 and out["pointwise"].item() > 0
+
+
+def test_a_subclass_of_mgll_loss_refuses_other_modes():
+    """Only ``MGLLLoss`` itself turns ``mode=`` into another objective; a subclass (the way to
+    add an objective) with another mode is an error naming the class and the mode."""
+
+    class Tempered(MGLLLoss):
+        name = "tempered"
+
+    assert type(Tempered()) is Tempered
+    with pytest.raises(ValueError, match=r"^Tempered has no mode 'clip'$"):
+        Tempered(mode="clip")
 
 
 # ----------------------------------------------------------------------------- CUDA

@@ -238,16 +238,23 @@ class RankPool:
             p.start()
         self.world = 0
         self.inits = 0
+        self.broken = ""
 
-    def _collect(self, count: int) -> dict[int, Any]:
+    def _collect(self, count: int, timeout_s: float) -> dict[int, Any]:
+        """`count` answers; a silent or failing rank fails the test and breaks the pool (its
+        ranks may be stuck in a collective), so later calls fail at once instead of waiting."""
+        if self.broken:
+            pytest.fail(f"the rank pool is unusable after: {self.broken}")
         got = {}
         for _ in range(count):
             try:
-                rank, value = self.results.get(timeout=180)
+                rank, value = self.results.get(timeout=timeout_s)
             except queue.Empty:
-                pytest.fail("a rank worker did not answer within 180 s")
+                self.broken = f"a rank worker did not answer within {timeout_s:.0f} s"
+                pytest.fail(self.broken)
             if isinstance(value, str) and value.startswith("error"):
-                pytest.fail(f"rank {rank}: {value}")
+                self.broken = f"rank {rank}: {value}"
+                pytest.fail(self.broken)
             got[rank] = value
         return got
 
@@ -259,7 +266,7 @@ class RankPool:
         store = self.tmp / f"store-{self.inits}"
         for q in self.tasks:
             q.put(("init", world, str(store)))
-        self._collect(len(self.tasks))
+        self._collect(len(self.tasks), 300)  # spawned interpreters importing torch
         self.world = world
 
     def run(self, cfg: dict, batch: dict[str, Any]) -> list[dict]:
@@ -272,9 +279,10 @@ class RankPool:
             "scale": batch["scale"],
             "bias": batch["bias"],
         }
-        for r in range(self.world):
-            self.tasks[r].put(("loss", self.world, cfg, arrays))
-        got = self._collect(self.world)
+        if not self.broken:
+            for r in range(self.world):
+                self.tasks[r].put(("loss", self.world, cfg, arrays))
+        got = self._collect(self.world, 30)  # milliseconds of work: longer is a hang
         return [got[r] for r in range(self.world)]
 
     def close(self) -> None:
@@ -283,8 +291,11 @@ class RankPool:
         for p in self.procs:
             p.join(timeout=2)  # they leave the group and exit; torch's shutdown can be slow
             if p.is_alive():
-                p.terminate()
-                p.join(timeout=10)
+                p.terminate()  # e.g. stuck in a collective whose peer failed
+                p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
 
 
 @pytest.fixture(scope="module")
