@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -334,6 +335,23 @@ def test_truncation_is_flagged_and_counted(tokenizer):
     stats.update({"truncated": torch.tensor([[False, False], [True, False]])})
     stats.update({"truncated": torch.tensor([[False, False], [True, True]])})
     assert stats.rates() == {"category": 0.0, "description": 0.75}
+
+
+def test_cached_tokens_equal_open_clips_and_the_cache_stays_bounded(tokenizer):
+    """Repeated texts come from the cache; every result still equals open_clip's tokenizer, and
+    the cache keeps the most recently used texts up to its size (and none in a copied worker)."""
+    texts = [LONG, "Normal chest.", "Cardiomegaly.", LONG, "Normal chest.", "No finding.", LONG]
+    text_tok = TextTokenizer(tokenizer, cache_size=2)
+    for text in texts:
+        tokens, truncated = text_tok.tokenize(text)
+        assert torch.equal(tokens, tokenizer([text])[0]), text
+        assert truncated == (text == LONG)
+    assert list(text_tok._cache) == ["No finding.", LONG]  # the two most recent, oldest first
+    full = (tokenizer.sot_token_id, *tokenizer.encode(LONG), tokenizer.eot_token_id)
+    assert text_tok._cache[LONG] == full
+    assert pickle.loads(pickle.dumps(text_tok))._cache == {}
+    uncached = TextTokenizer(tokenizer, cache_size=0)
+    assert uncached.count(LONG) == text_tok.count(LONG) and not uncached._cache
 
 
 def test_sentence_sampling_keeps_order_and_fits(tokenizer):

@@ -5,17 +5,25 @@ each sample carries a flag per granularity so the trainer can log the rate
 (`TruncationStats` in `dataset.py`). With `text_sampling="sentences"` a long text is replaced
 by a random subset of its sentences, kept in order, that fits; it is truncated only when no
 sentence fits on its own.
+
+Token ids are cached by text: category and impression texts repeat across thousands of images,
+and open_clip's BPE with ftfy costs far more than a dictionary lookup
+(`benchmarks/tokenize_cache.py` measures the difference).
 """
 
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
+
+DEFAULT_CACHE_SIZE = 65_536  # texts; a few MB of ids, more than the distinct texts of most builds
 
 
 def split_sentences(text: str) -> list[str]:
@@ -26,7 +34,12 @@ def split_sentences(text: str) -> list[str]:
 class TextTokenizer:
     """An open_clip tokenizer with token counting, truncation flags and sentence sampling."""
 
-    def __init__(self, tokenizer: Callable[..., torch.Tensor], context_length: int | None = None):
+    def __init__(
+        self,
+        tokenizer: Callable[..., torch.Tensor],
+        context_length: int | None = None,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+    ):
         self.tokenizer = tokenizer
         self.context_length = int(context_length or tokenizer.context_length)
         self._simple = (
@@ -34,13 +47,29 @@ class TextTokenizer:
             and hasattr(tokenizer, "sot_token_id")
             and getattr(tokenizer, "reduction_fn", None) is None
         )
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict[str, tuple[int, ...]] = OrderedDict()
 
-    def _ids(self, text: str) -> list[int] | None:
-        """Full token ids with start/end tokens (SimpleTokenizer only)."""
+    def __getstate__(self) -> dict[str, Any]:
+        # Loader workers start with an empty cache: copying it to every worker costs more than
+        # refilling it.
+        return {**self.__dict__, "_cache": OrderedDict()}
+
+    def _ids(self, text: str) -> tuple[int, ...] | None:
+        """Token ids with start/end tokens (SimpleTokenizer only), cached by text (LRU)."""
         if not self._simple:
             return None
+        ids = self._cache.get(text)
+        if ids is not None:
+            self._cache.move_to_end(text)
+            return ids
         tok = self.tokenizer
-        return [tok.sot_token_id, *tok.encode(text), tok.eot_token_id]
+        ids = (tok.sot_token_id, *tok.encode(text), tok.eot_token_id)
+        if self.cache_size > 0:
+            self._cache[text] = ids
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return ids
 
     def count(self, text: str) -> int:
         """Number of tokens of ``text`` including the start/end tokens."""
@@ -61,8 +90,7 @@ class TextTokenizer:
             return self.tokenizer([text], context_length=self.context_length)[0], truncated
         truncated = len(ids) > self.context_length
         if truncated:
-            ids = ids[: self.context_length]
-            ids[-1] = self.tokenizer.eot_token_id
+            ids = (*ids[: self.context_length - 1], self.tokenizer.eot_token_id)
         out = torch.zeros(self.context_length, dtype=torch.long)
         out[: len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out, truncated
