@@ -7,6 +7,10 @@ dispatches (on a GPU, small losses are bound by kernel launches, not FLOPs).
 
     python benchmarks/loss_cost.py                      # B=256, D=512, G=3 on the CPU
     python benchmarks/loss_cost.py --device cuda --precision amp_bf16
+
+The two losses are timed in alternating rounds (ABAB), so load that drifts during the run (a
+shared machine) hits both alike; each round's figure is the median of `--repeat` calls, and the
+min / median / max over rounds are printed. CPU threads are pinned (`--threads`, 1).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from open_clip_train.precision import get_autocast
@@ -42,12 +47,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_loss(mode: str, args: argparse.Namespace, device: torch.device) -> tuple[float, int]:
-    """Median seconds per forward+backward, and the number of operators one call dispatches."""
+def loss_call(mode: str, args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
+    """One forward+backward of loss `mode` on the shared inputs, as a callable."""
     inputs = _inputs(args, device)
     loss_fn = MGLLLoss(mode=mode)
     autocast = get_autocast(args.precision, device_type=device.type)
-
     leaves = [v for v in inputs.values() if v.requires_grad]
 
     def call() -> None:
@@ -57,18 +61,26 @@ def time_loss(mode: str, args: argparse.Namespace, device: torch.device) -> tupl
             out = loss_fn(**inputs)
         out["loss"].backward()
 
-    for _ in range(args.warmup):
-        call()
+    return call
+
+
+def median_seconds(call: Callable[[], None], repeat: int, device: torch.device) -> float:
+    """Median seconds of `repeat` calls."""
     times = []
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         _sync(device)
         started = time.perf_counter()
         call()
         _sync(device)
         times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def operator_count(call: Callable[[], None]) -> int:
+    """Top-level operators one call dispatches."""
     with profile() as prof:
         call()
-    return statistics.median(times), _top_level_aten_ops(prof.events())
+    return _top_level_aten_ops(prof.events())
 
 
 def _top_level_aten_ops(events) -> int:
@@ -95,17 +107,34 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", help="fp32, amp or amp_bf16")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--repeat", type=int, default=50, help="calls timed per round (50)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    results = {mode: time_loss(mode, args, device) for mode in ("clip", "mgll")}
-    for mode, (seconds, ops) in results.items():
-        print(f"{mode:5s} {seconds * 1e3:8.2f} ms per forward+backward, {ops} top-level operators")
-    extra = results["mgll"][0] - results["clip"][0]
+    calls = {mode: loss_call(mode, args, device) for mode in ("clip", "mgll")}
+    for call in calls.values():
+        for _ in range(args.warmup):
+            call()
+    seconds: dict[str, list[float]] = {mode: [] for mode in calls}
+    for _ in range(args.rounds):  # ABAB: load drifting over the run hits both losses alike
+        for mode, call in calls.items():
+            seconds[mode].append(median_seconds(call, args.repeat, device))
+    for mode, values in seconds.items():
+        low, mid, high = (1e3 * v for v in (min(values), statistics.median(values), max(values)))
+        print(
+            f"{mode:5s} {low:8.2f} / {mid:8.2f} / {high:8.2f} ms per forward+backward "
+            f"(min / median / max of {args.rounds} rounds), "
+            f"{operator_count(calls[mode])} top-level operators"
+        )
+    ratios = [m / c for c, m in zip(seconds["clip"], seconds["mgll"], strict=True)]
+    extra = statistics.median(seconds["mgll"]) - statistics.median(seconds["clip"])
     print(
-        f"mgll/clip loss time {results['mgll'][0] / results['clip'][0]:.2f}x; MGLL adds "
-        f"{extra * 1e3:.2f} ms per step (B={args.batch_size}, D={args.dim}, "
-        f"G={args.granularities}, {args.precision}, {device})"
+        f"mgll/clip loss time per round {min(ratios):.2f} / {statistics.median(ratios):.2f} / "
+        f"{max(ratios):.2f}x; MGLL adds {extra * 1e3:.2f} ms per step (B={args.batch_size}, "
+        f"D={args.dim}, G={args.granularities}, {args.precision}, {device}, "
+        f"{args.threads} threads)"
     )
 
 

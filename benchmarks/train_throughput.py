@@ -22,7 +22,7 @@ from contextlib import suppress
 
 import torch
 from open_clip_train.precision import get_autocast
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from mgll_train.data import SampleTransform, collate, make_dataset
 from mgll_train.loss import MGLLLoss, text_ids_for
@@ -84,22 +84,31 @@ def loader_rate(args: argparse.Namespace) -> float:
     bundle = create_model(args.model)
     transform = SampleTransform.from_model(bundle.model, bundle.tokenizer)
     dataset = make_dataset(args.data, transform, split="train")
-    loader = DataLoader(
+    return time_loader(dataset, args.batch_size, args.workers, args.loader_batches)
+
+
+def time_loader(dataset: Dataset, batch_size: int, workers: int, batches: int = 50) -> float:
+    """Images/s of a DataLoader over `dataset`, timed over `batches` batches at steady state.
+
+    Rows are drawn with replacement, so a small build serves any number of batches. Timing
+    starts once the batches the workers prefetched while starting (2 per worker) have been
+    drawn: from then on every batch timed was produced while the clock ran.
+    """
+    warmup = 2 * max(workers, 1) + 2
+    sampler = RandomSampler(
         dataset,
-        batch_size=args.batch_size,
-        shuffle=True,
-        num_workers=args.workers,
-        collate_fn=collate,
-        drop_last=True,
+        replacement=True,
+        num_samples=(warmup + batches) * batch_size,
+        generator=torch.Generator().manual_seed(0),
     )
-    count, start = 0, None
-    for k, batch in enumerate(loader):
-        if k == 1:  # the first batch includes starting the workers
-            start, count = time.perf_counter(), 0
-        count += len(batch["ids"])
-    if start is None:
-        raise SystemExit(f"{args.data}: fewer than two batches of {args.batch_size}")
-    return count / (time.perf_counter() - start)
+    loader = DataLoader(
+        dataset, batch_size, sampler=sampler, num_workers=workers, collate_fn=collate
+    )
+    start = 0.0
+    for k, _ in enumerate(loader):
+        if k == warmup - 1:
+            start = time.perf_counter()
+    return batches * batch_size / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -116,6 +125,9 @@ def main() -> None:
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--data", default=None, help="a built dataset for the loader alone")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--loader-batches", type=int, default=50, help="batches timed after warm-up (50)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     print(
@@ -134,8 +146,8 @@ def main() -> None:
     if args.data:
         rate = loader_rate(args)
         print(
-            f"   data loader alone ({args.workers} workers): {rate:8.1f} images/s "
-            f"({rate / mgll:.2f}x the mgll step)"
+            f"   data loader alone ({args.workers} workers, {args.loader_batches} batches after "
+            f"warm-up): {rate:8.1f} images/s ({rate / mgll:.2f}x the mgll step)"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -34,6 +35,29 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("pipeline", help="pipeline name (see `list`) or path to a pipeline YAML")
     _add_build_options(build)
     build.add_argument("--root", required=True, type=Path, help="folder of the raw release")
+    build.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="where the stages run: local (--workers processes on this machine) or ray (one "
+        "Ray task per shard; the same output bytes; pip install 'mgll[ray]') (local)",
+    )
+    build.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        default=None,
+        help="--executor ray: the Ray cluster to join (default: RAY_ADDRESS if set, else a "
+        "local Ray instance with --workers CPUs, started and stopped by the build)",
+    )
+    build.add_argument(
+        "--max-image-pixels",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="quarantine images of more than N pixels (all frames), read from the file header "
+        "before any decoding, e.g. decompression bombs (50000000 = 50 MP; the largest real "
+        "radiographs are about 15 MP)",
+    )
     source = build.add_argument_group("source options (for the sources that take them)")
     source.add_argument("--images", choices=("jpg", "dicom"), help="image files to read")
     source.add_argument(
@@ -44,7 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     source.add_argument("--views", help="comma-separated views to keep, e.g. PA,AP (all)")
     source.add_argument(
-        "--labels", choices=("chexpert", "negbio", "text"), help="where labels come from"
+        "--labels",
+        choices=("chexpert", "negbio", "text", "mesh", "nih", "google"),
+        help="where labels come from: MIMIC-CXR chexpert (default), negbio or text (the report "
+        "labeler); IU X-ray mesh (its MeSH headings, default) or text; ChestX-ray14 nih "
+        "(default) or google (the Google 2019 expert relabels replace four labels)",
     )
     source.add_argument(
         "--section-rules",
@@ -217,10 +245,15 @@ def _add_build_options(parser: argparse.ArgumentParser, disposable: bool = False
 def _build_options(args: argparse.Namespace):
     from .build.engine import BuildOptions
 
+    # Only `build` has --max-image-pixels; unset, BuildOptions' default (50 MP) applies.
+    pixels = getattr(args, "max_image_pixels", None)
     return BuildOptions(
+        **({"max_image_pixels": pixels} if pixels is not None else {}),
         image_size=args.image_size,
         image_format=args.image_format,
         workers=args.workers,
+        executor=getattr(args, "executor", "local"),  # only `build` has --executor
+        ray_address=getattr(args, "ray_address", None),
         limit=args.limit,
         rows_per_shard=args.rows_per_shard,
         resume=args.resume,
@@ -237,7 +270,11 @@ def _build_options(args: argparse.Namespace):
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; return the exit status. User errors raise UserError."""
+    """Run the CLI; return the exit status. User errors raise UserError.
+
+    A write the disk refuses (full, read-only, no permission) is a UserError too: its line
+    names the folder the command writes (see `write_error_line`).
+    """
     args = _parser().parse_args(argv)
     commands = {
         "list": _list,
@@ -249,7 +286,36 @@ def run(argv: Sequence[str] | None = None) -> int:
         "validate": _validate,
         "info": _info,
     }
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except OSError as err:
+        written = args.dest if args.command == "export" else getattr(args, "out", None)
+        if args.command in ("validate", "info", "push"):
+            written = None  # these write nothing locally: `out` is what they read
+        line = write_error_line(err, written)
+        if line is None:
+            raise
+        raise UserError(line) from None
+
+
+# Why a write fails that a user can fix: a full disk or quota, a read-only file system, a folder
+# without write permission. Every other OSError is a bug and keeps its traceback.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def write_error_line(err: OSError, folder: Path | None) -> str | None:
+    """`<folder>: cannot write (No space left on device)` for a write the disk refused in the
+    folder a command writes; `<file>: <reason>` for such an error on another file; None for
+    any other error."""
+    if err.errno not in _DISK_ERRNOS:
+        return None
+    reason = os.strerror(err.errno)
+    where = os.fsdecode(err.filename) if err.filename is not None else None
+    if folder is not None:
+        root = os.path.abspath(folder)
+        if where is None or os.path.commonpath([root, os.path.abspath(where)]) == root:
+            return f"{folder}: cannot write ({reason})"
+    return f"{where}: {reason}" if where is not None else None
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -267,6 +333,10 @@ def _build(args: argparse.Namespace) -> int:
     from .build.engine import build
     from .build.pipeline import load_pipeline
 
+    if args.executor == "ray":  # before any work: Ray is missing, or no cluster answers
+        from .build.ray_executor import preflight
+
+        preflight(args.ray_address)
     summary = build(load_pipeline(args.pipeline), args.root, args.out, _build_options(args))
     print("\n".join(summary.lines()))
     if args.push_to_hub:
@@ -277,22 +347,27 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """The demo is disposable: it always regenerates its release and replaces its build."""
+    """The demo is disposable: it regenerates its release (kept by --resume) and replaces its
+    build."""
+    from .build.lock import folder_lock
+
     args.overwrite = not args.resume
+    with folder_lock(args.out):  # held while OUT/_raw is written, not only for the build
+        summary = _write_and_build_demo(args)
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _write_and_build_demo(args: argparse.Namespace):
     if args.learnable:
         from .demo.controlled_task import build_learnable
 
         print(f"writing a learnable synthetic release of {args.n} images to {args.out}/_raw")
-        summary = build_learnable(args.out, args.n, args.seed, _build_options(args))
-    else:
-        from .demo.nih_release import build_demo
+        return build_learnable(args.out, args.n, args.seed, _build_options(args))
+    from .demo.nih_release import build_demo
 
-        print(
-            f"writing a synthetic ChestX-ray14-shaped release of {args.n} images to {args.out}/_raw"
-        )
-        summary = build_demo(args.out, args.n, args.seed, _build_options(args))
-    print("\n".join(summary.lines()))
-    return 0
+    print(f"writing a synthetic ChestX-ray14-shaped release of {args.n} images to {args.out}/_raw")
+    return build_demo(args.out, args.n, args.seed, _build_options(args))
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -343,6 +418,16 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def closed_stdout_status() -> int:
+    """After a `BrokenPipeError` on stdout: silence stdout and return the exit status, 141.
+
+    Nothing more can reach the reader; stdout is pointed at devnull so that the flush at exit
+    does not raise again (`mgll-train` shares this).
+    """
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit status 2.
 
@@ -354,10 +439,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         status = run(argv)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
     except BrokenPipeError:
-        # Nothing more can reach the reader; point stdout at devnull so that the flush at
-        # exit does not raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        status = 141
+        status = closed_stdout_status()
     except UserError as err:
         print(f"mgll-build-dataset: error: {err}", file=sys.stderr)
         status = 2

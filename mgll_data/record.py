@@ -3,7 +3,7 @@
 `mgll_data` writes records and `mgll_train` reads them; both import their column names, label
 values, granularities and the `mgll` metadata block from here, so the contract is declared once.
 This module is light on purpose (no `datasets`, no torch): the trainer imports it at start-up.
-The full column list with types lives in `schemas/record_v1.yaml` (see `mgll_data.schema`);
+The full column list with types lives in `schemas/record.yaml` (see `mgll_data.schema`);
 `docs/architecture.md` ("The record") explains every field.
 """
 
@@ -17,10 +17,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # schemas/record.yaml's schema_version (a test keeps them equal)
+# Versions a reader accepts: version 2 only added optional columns, so a version 1 build reads as
+# a version 2 build without them.
+COMPATIBLE_SCHEMA_VERSIONS = (1, 2)
 # Key of the JSON block in every shard's Parquet schema metadata (label names, vocabulary, domain).
 MGLL_METADATA_KEY = b"mgll"
 SPLITS = ("train", "validation", "test")
+# Key in the `mgll` block listing the optional columns a build has (absent: none).
+OPTIONAL_COLUMNS_KEY = "optional_columns"
+# The optional segmentation mask: a PNG of the stored image's size, 255 inside a finding.
+MASK_COLUMN = "mask"
 
 # Values of the `labels` vector; NaN means "not mentioned / not annotated".
 POSITIVE, NEGATIVE, UNCERTAIN = 1.0, 0.0, -1.0

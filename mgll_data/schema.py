@@ -1,14 +1,17 @@
-"""The record schema, derived from its one declaration in `schemas/record_v1.yaml`.
+"""The record schema, derived from its one declaration in `schemas/record.yaml`.
 
 Everything that needs the schema (the Arrow schema the writer uses, the Hugging Face `Features`
 in the card, the validator) is derived here, so a change to the YAML changes all of them.
+Columns declared `optional: true` (the segmentation `mask`) exist only in builds whose source
+fills them; a build names them in its `mgll` block (`optional_columns`), and `schema_of_block`
+gives the schema of that build. The YAML's `schema_version` is the one version number.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -17,8 +20,11 @@ import pyarrow as pa
 import yaml
 from datasets import Features, Image, List, Value
 
-from .record import LABEL_VALUES, MGLL_METADATA_KEY, SCHEMA_VERSION
+from .record import LABEL_VALUES, MGLL_METADATA_KEY, OPTIONAL_COLUMNS_KEY
 from .resources import resource_dir
+
+# The declaration's file keeps its name across versions: its `schema_version` line is the version.
+DECLARATION_FILE = "record.yaml"
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class Column:
     length: int | str | None = None
     enum: tuple[str, ...] | None = None
     non_empty: bool = False
+    optional: bool = False  # present only in builds whose source fills it
 
 
 @dataclass(frozen=True)
@@ -87,13 +94,29 @@ class RecordSchema:
 
 @cache
 def _declaration() -> dict[str, Any]:
-    with open(resource_dir("schemas") / f"record_v{SCHEMA_VERSION}.yaml", encoding="utf-8") as f:
+    with open(resource_dir("schemas") / DECLARATION_FILE, encoding="utf-8") as f:
         return yaml.safe_load(f)
 
 
-def record_schema(num_labels: int) -> RecordSchema:
-    """Load the declared record schema for a vocabulary of `num_labels` labels."""
+def schema_version() -> int:
+    """The declared record schema version (the YAML's `schema_version`)."""
+    return int(_declaration()["schema_version"])
+
+
+def optional_columns() -> list[str]:
+    """The names of the columns declared `optional: true`, in declaration order."""
+    return [c["name"] for c in _declaration()["columns"] if c.get("optional", False)]
+
+
+def record_schema(num_labels: int, with_optional: Collection[str] = ()) -> RecordSchema:
+    """The declared record schema for a vocabulary of `num_labels` labels.
+
+    Optional columns are included only when named in `with_optional` (the build has them).
+    """
     declared = _declaration()
+    unknown = sorted(set(with_optional) - set(optional_columns()))
+    if unknown:
+        raise ValueError(f"record schema: {unknown} are not optional columns {optional_columns()}")
     columns = tuple(
         Column(
             name=c["name"],
@@ -103,10 +126,17 @@ def record_schema(num_labels: int) -> RecordSchema:
             length=c.get("length"),
             enum=tuple(c["enum"]) if "enum" in c else None,
             non_empty=bool(c.get("non_empty", False)),
+            optional=bool(c.get("optional", False)),
         )
         for c in declared["columns"]
+        if not c.get("optional", False) or c["name"] in with_optional
     )
     return RecordSchema(version=declared["schema_version"], columns=columns, num_labels=num_labels)
+
+
+def schema_of_block(mgll_block: Mapping[str, Any]) -> RecordSchema:
+    """The schema of the build whose `mgll` metadata block is given (its labels, its columns)."""
+    return record_schema(len(mgll_block["label_names"]), mgll_block.get(OPTIONAL_COLUMNS_KEY, ()))
 
 
 def dumps_sorted(value: Any) -> str:
@@ -119,6 +149,9 @@ def validate_row(
 ) -> list[str]:
     """Check one record against the schema; return the problems found (empty when valid)."""
     problems: list[str] = []
+    unexpected = sorted(set(row) - set(schema.names))
+    if unexpected:  # the writer would drop them silently
+        problems.append(f"columns {unexpected} are not in this build's schema")
     for column in schema.columns:
         if column.name not in row:
             problems.append(f"missing column {column.name!r}")
@@ -143,17 +176,24 @@ def validate_row(
         )
     if not str(row["id"]).startswith(f"{row['source']}:"):
         problems.append(f"id {row['id']!r} does not start with '{row['source']}:'")
-    image = row["image"]
-    if not image.get("bytes"):
-        problems.append("image has no bytes")
-    if image.get("path") and not str(image["path"]).startswith(str(row["id"])):
-        problems.append(f"image path {image['path']!r} is not named after the id")
+    for column in schema.columns:
+        if column.type == "image" and row[column.name] is not None:
+            problems.extend(_check_image(column.name, row[column.name], str(row["id"])))
     try:
         extra = json.loads(row["extra"])
         if row["extra"] != dumps_sorted(extra):
             problems.append("extra is not JSON with sorted keys")
     except json.JSONDecodeError as err:
         problems.append(f"extra is not JSON: {err}")
+    return problems
+
+
+def _check_image(name: str, image: Mapping[str, Any], record_id: str) -> list[str]:
+    problems = []
+    if not image.get("bytes"):
+        problems.append(f"{name} has no bytes")
+    if image.get("path") and not str(image["path"]).startswith(record_id):
+        problems.append(f"{name} path {image['path']!r} is not named after the id")
     return problems
 
 

@@ -1,4 +1,8 @@
-"""`mgll-train`: train (fit) open_clip models with the MGLL objective, evaluate and export them."""
+"""`mgll-train`: train (fit) open_clip models with the MGLL objective, evaluate and export them.
+
+Parsing loads neither torch nor open_clip: `--help` and argument errors answer at once, and a
+command imports what it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import add_fit_arguments, parse_fit_args
+from mgll_data.cli import closed_stdout_status
+
+from .config import HelpFormatter, add_fit_arguments, parse_fit_args
 from .errors import UserError
-from .evaluate import add_eval_arguments
+from .evaluate.flags import add_eval_arguments
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Train a model; flags follow "
         "open_clip's names. Writes logs/<name>/{out.log, params.txt, "
         "config.yaml, metrics.jsonl, checkpoints/}.",
+        formatter_class=HelpFormatter,
     )
     add_fit_arguments(fit)
     export = sub.add_parser(
@@ -33,14 +40,21 @@ def _parser() -> argparse.ArgumentParser:
         description="Write open_clip_config.json, "
         "open_clip_model.safetensors and a model card into --out; load it "
         "with open_clip.create_model_and_transforms('local-dir:OUT').",
+        formatter_class=HelpFormatter,
     )
-    export.add_argument("--checkpoint", type=Path, required=True, help="a .pt checkpoint")
-    export.add_argument("--out", type=Path, required=True, help="output folder")
+    required = export.add_argument_group("required arguments")
+    required.add_argument(
+        "--checkpoint", type=Path, required=True, help="a .pt checkpoint written by fit"
+    )
+    required.add_argument(
+        "--out", type=Path, required=True, help="folder for the open_clip config and weights"
+    )
     evaluate = sub.add_parser(
         "eval",
         help="evaluate a checkpoint: zero-shot, linear probe, label-aware retrieval",
-        description="Evaluate CKPT on a dataset split; write DIR/metrics.json, table.txt and "
-        "PNG plots, and print the table.",
+        description="Evaluate a checkpoint on a dataset split; write OUT/metrics.json, "
+        "table.txt and PNG plots, and print the table.",
+        formatter_class=HelpFormatter,
     )
     add_eval_arguments(evaluate)
     return parser
@@ -71,11 +85,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit status 2.
 
     A user error is a `UserError`, or a `FileNotFoundError` (a checkpoint, a vocabulary);
-    anything else is a bug and keeps its traceback.
+    anything else is a bug and keeps its traceback. A reader that stops early (`eval ... |
+    head`) ends the command quietly with status 141, as `mgll-build-dataset`.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         _run(_parser(), argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        sys.exit(closed_stdout_status())
     except (UserError, FileNotFoundError) as err:
         print(f"mgll-train: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -3,6 +3,12 @@
 Both give every rank the same number of steps per epoch, so collectives never wait on a rank
 that ran out of data, and both say where to resume: map-style data continues at the exact batch
 (the sampler's order is a function of seed and epoch), streaming data at the next row group.
+
+Loader settings: map-style workers persist across epochs (their row-group caches with them);
+batches are pinned when the caller says the device is CUDA. The rest is torch's default, checked
+to be right here: each worker runs torch on one thread, the main process on the cores its
+affinity mask allows, and each worker prefetches 2 batches (more only holds more batches in
+memory once the loader outruns the step).
 """
 
 from __future__ import annotations
@@ -10,10 +16,10 @@ from __future__ import annotations
 import argparse
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from .data import (
     SampleTransform,
@@ -23,8 +29,28 @@ from .data import (
     parse_sources,
     split_row_count,
 )
+from .data.bad_samples import BadSampleGuard
 from .errors import UserError
 from .sampler import GlobalBatchSampler
+
+
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """A batch sampler's batches with its epoch beside every index: ``(epoch, i)``.
+
+    Persistent loader workers hold their own copy of the dataset, which never sees
+    `set_epoch`; the epoch that seeds a sample's randomness travels with its index instead.
+    """
+
+    def __init__(self, sampler: GlobalBatchSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.sampler.epoch
+        for batch in self.sampler:
+            yield [(epoch, i) for i in batch]
 
 
 @dataclass
@@ -36,6 +62,8 @@ class Feed:
     steps_per_epoch: int
     batch_size: int  # per rank and optimizer step (micro-batches included)
     sampler: GlobalBatchSampler | None = None
+    bad_samples: BadSampleGuard = field(default_factory=lambda: BadSampleGuard(0))
+    _loader: DataLoader | None = field(default=None, init=False, repr=False)
 
     @property
     def streaming(self) -> bool:
@@ -54,15 +82,18 @@ class Feed:
         if self.sampler is not None:
             self.sampler.set_epoch(epoch, start_batch)
             self.dataset.set_epoch(epoch)
-            return iter(
-                DataLoader(
+            if self._loader is None or self._loader.num_workers != workers:
+                # One loader for the run: its workers (and their row-group caches) persist
+                # across epochs; the epoch reaches them with every index (EpochBatches).
+                self._loader = DataLoader(
                     self.dataset,
-                    batch_sampler=self.sampler,
+                    batch_sampler=EpochBatches(self.sampler),
                     num_workers=workers,
                     collate_fn=collate,
                     pin_memory=pin_memory,
+                    persistent_workers=workers > 0,
                 )
-            )
+            return self.bad_samples.watch(self._loader)
         self.dataset.set_epoch(epoch, start_unit)
         loader = DataLoader(
             self.dataset,
@@ -71,7 +102,7 @@ class Feed:
             collate_fn=collate,
             pin_memory=pin_memory,
         )
-        return itertools.islice(loader, self.steps_per_epoch - start_batch)
+        return self.bad_samples.watch(itertools.islice(loader, self.steps_per_epoch - start_batch))
 
 
 def make_feed(
@@ -80,6 +111,7 @@ def make_feed(
     """The training data that `args` describes."""
     per_step = args.batch_size * args.accum_freq  # one optimizer step: accum_freq micro-batches
     global_batch = per_step * world_size
+    guard = BadSampleGuard(args.max_bad_samples)  # images that do not decode: count, limit
     if not args.streaming:
         dataset = make_dataset(
             args.train_data,
@@ -97,7 +129,7 @@ def make_feed(
             row_groups=dataset.records.row_groups(),
             window=args.shuffle_window,
         )
-        return Feed(dataset, len(dataset), sampler.batches_per_epoch, per_step, sampler)
+        return Feed(dataset, len(dataset), sampler.batches_per_epoch, per_step, sampler, guard)
     sources = parse_sources(args.train_data, args.train_data_upsampling_factors)
     dataset = StreamingRecords(
         sources, transform, split=args.train_split, seed=args.seed, rank=rank, world_size=world_size
@@ -115,4 +147,4 @@ def make_feed(
     )
     if rows < global_batch:
         raise UserError(f"{rows} training rows are fewer than one global batch ({global_batch})")
-    return Feed(dataset, rows, rows // global_batch, per_step)
+    return Feed(dataset, rows, rows // global_batch, per_step, bad_samples=guard)

@@ -7,6 +7,7 @@ a :class:`Trainer` from a :class:`Position` (the start, or where a checkpoint le
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import signal
@@ -21,9 +22,9 @@ from open_clip_train.precision import get_autocast
 from .checkpoint import Run, rng_state, save_checkpoint, unwrap
 from .data import TruncationStats
 from .feed import Feed
-from .losses import MultiGranularLoss
+from .losses import MultiGranularLoss, TokenObjective
 from .model import clamp_logit_scale
-from .reporting import MetricsReporter
+from .reporting import MetricsReporter, TrainingProgress
 
 log = logging.getLogger("mgll_train")
 
@@ -114,24 +115,49 @@ class Trainer:
         self.step = start.step
         self.epoch = start.epoch  # epochs completed
         self.last_loss: torch.Tensor | None = None  # of this run's last step
+        self.progress: TrainingProgress | None = None  # the master's bar, while it runs
 
     def run(self) -> bool:
-        """Train to the last epoch or `--max-steps`; return True when SIGTERM stopped the run."""
+        """Train to the last epoch or `--max-steps`; return True when SIGTERM stopped the run.
+
+        The master shows a progress bar (on a terminal, unless `--no-progress`) and a line per
+        epoch.
+        """
         stop = _StopFlag()
         stop.install()
         self.autocast = get_autocast(self.args.precision, device_type=self.session.device.type)
         self.truncation = TruncationStats(self.args.granularities)
+        if self.session.is_master:
+            self.progress = TrainingProgress(
+                self.parts.total_steps,
+                self.start.step,
+                self.args.batch_size * self.session.world_size,
+                show=not self.args.no_progress,
+            )
+        redirect = self.progress.redirect_logging() if self.progress else contextlib.nullcontext()
+        try:
+            with redirect:
+                return self._run_epochs(stop)
+        finally:
+            if self.progress is not None:
+                self.progress.close()
+
+    def _run_epochs(self, stop: _StopFlag) -> bool:
         for epoch in range(self.start.epoch, self.args.epochs):
-            progress = self._run_epoch(epoch, stop)
-            if progress.stopped:
+            if self.progress is not None:
+                self.progress.start_epoch()
+            ran = self._run_epoch(epoch, stop)
+            if ran.stopped:
                 return True
-            finished = progress.batch >= self.parts.feed.steps_per_epoch
+            finished = ran.batch >= self.parts.feed.steps_per_epoch
             if finished:
                 self.epoch = epoch + 1
+            if self.progress is not None:
+                log.info(self.progress.epoch_line(epoch, self.args.epochs, finished))
             self._end_epoch(epoch, finished)
             if self.step >= self.parts.total_steps:
                 if self.session.is_master and not finished:  # --max-steps ended it mid-epoch
-                    self._save(f"step_{self.step}.pt", epoch, progress.batch, progress.unit)
+                    self._save(f"step_{self.step}.pt", epoch, ran.batch, ran.unit)
                 break
         return False
 
@@ -144,10 +170,14 @@ class Trainer:
                 f"(epoch {self.epoch} of {self.args.epochs}); checkpoints in {checkpoints}"
             )
         loss = f"{float(self.last_loss):.4f}" if self.last_loss is not None else "n/a"
+        root = self.session.run.root
+        tensorboard = root / "tensorboard"
         return (
             f"done: {self.step - start.step} steps this run (step {self.step} of "
             f"{self.parts.total_steps}), {self.epoch} of {self.args.epochs} epochs complete, "
-            f"final loss {loss}, {seconds:.1f} s; checkpoints in {checkpoints}"
+            f"final loss {loss}, {seconds:.1f} s; checkpoints in {checkpoints}, log "
+            f"{root / 'out.log'}, metrics {root / 'metrics.jsonl'}"
+            + (f", TensorBoard {tensorboard}" if tensorboard.is_dir() else "")
         )
 
     def _run_epoch(self, epoch: int, stop: _StopFlag) -> _EpochProgress:
@@ -183,6 +213,8 @@ class Trainer:
     def _step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         parts = self.parts
         parts.scheduler(self.step)
+        if isinstance(parts.loss_fn, TokenObjective):  # schedules of the token losses
+            parts.loss_fn.set_position(self.epoch, self.step)
         losses = train_step(
             parts.model,
             parts.loss_fn,
@@ -196,6 +228,8 @@ class Trainer:
         )
         self.step += 1
         self.last_loss = losses["loss"]  # a tensor: reading it every step would sync the GPU
+        if self.progress is not None:
+            self.progress.step(self.last_loss)
         return losses
 
     def _end_epoch(self, epoch: int, finished: bool) -> None:
@@ -233,6 +267,7 @@ class Trainer:
             "name": self.session.name,
             "model_name": self.args.model,
             "state_dict": unwrap(parts.model).clip.state_dict(),
+            **unwrap(parts.model).heads_state(),
             "optimizer": parts.optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "config": self.config,
@@ -299,6 +334,11 @@ def train_step(
             scale = share_gradient(fresh["logit_scale"], accum_freq)
             bias = fresh.get("logit_bias")
             bias = share_gradient(bias, accum_freq) if bias is not None else None
+            extra = {}
+            if "dense" in fresh:  # token losses: their heads' outputs, batch first
+                extra["dense"] = {
+                    k: torch.cat([p["dense"][k] for p in parts]) for k in fresh["dense"]
+                }
             losses = loss_fn(
                 torch.cat([p["image_features"] for p in parts]),
                 torch.cat([p["text_features"] for p in parts], dim=1),
@@ -306,6 +346,7 @@ def train_step(
                 logit_bias=bias,
                 labels=labels,
                 text_ids=text_ids,
+                **extra,
             )
         if scaler is not None:
             scaler.scale(losses["loss"]).backward()
@@ -375,7 +416,7 @@ def log_step(
     log.info(
         "epoch %d step %d loss %.4f (soft %.4f, point-wise %.4f, kl %.4f) lr %.2e "
         "scale %.2f %.1f samples/s",
-        epoch,
+        epoch + 1,  # counted from 1, as the epoch lines and epoch_N.pt (metrics.jsonl: from 0)
         step,
         record["loss"],
         record["soft_contrastive"],
@@ -413,7 +454,14 @@ def evaluate_epoch(
     )  # fmt: skip
     with torch.no_grad():
         metrics, _ = evaluate_model(
-            clip, tokenizer, args.val_data, args.val_split, tasks, eval_args, device
+            clip,
+            tokenizer,
+            args.val_data,
+            args.val_split,
+            tasks,
+            eval_args,
+            device,
+            progress=False if args.no_progress else None,
         )
     metrics = clean_metrics(metrics)
     zs = metrics.get("zeroshot", {}).get("macro_auroc")

@@ -20,7 +20,9 @@ from typing import Any
 import open_clip
 import torch
 
+from .checkpoint import load_weights
 from .errors import UserError
+from .tokens import TokenBatch, TokenPlan, join_texts
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 MAX_LOGIT_SCALE = math.log(100.0)  # the scale s = exp(logit_scale) is clamped to at most 100
@@ -116,6 +118,25 @@ def create_model(
     )
 
 
+def model_from_checkpoint(
+    state: dict[str, Any], path: Path, device: str | torch.device = "cpu"
+) -> ModelBundle:
+    """The open_clip model of a loaded checkpoint ``state`` (read from ``path``) with its weights;
+    an unknown model or weights that do not fit are a one-line `UserError` naming the file."""
+    try:
+        bundle = create_model(
+            state["model_name"],
+            None,
+            device=device,
+            init_logit_bias=DEFAULT_LOGIT_BIAS if "logit_bias" in state["state_dict"] else None,
+            weights_follow=True,
+        )
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+    load_weights(bundle.model, state, path)
+    return bundle
+
+
 def shipped_models() -> list[str]:
     """Names of the model configs shipped with mgll_train."""
     return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
@@ -125,26 +146,75 @@ class FeatureModel(torch.nn.Module):
     """One forward for the image batch and all G text batches, so DDP sees a single call.
 
     Returns normalised features, or the projected unnormalised ones that `--loss mgll-official`
-    needs (the reference code normalises nothing).
+    needs (the reference code normalises nothing). With a :class:`~mgll_train.tokens.TokenPlan`
+    (token losses: ``--loss mgca``, ``g2d``, ``--dense-loss g2d``) it also captures token-level
+    features and returns what the plan's heads make of them under ``"dense"``; the heads are
+    part of this module, so DDP averages their gradients and checkpoints hold them.
     """
 
-    def __init__(self, clip: torch.nn.Module, normalize: bool = True):
+    def __init__(
+        self, clip: torch.nn.Module, normalize: bool = True, plan: TokenPlan | None = None
+    ):
         super().__init__()
         self.clip = clip
         self.normalize = normalize
+        self.plan = plan
+        self.heads = plan.heads if plan is not None else None
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
         """Features of `images` `[B, ...]` and `texts` `[G, B, L]`, the scale (exp'd), the bias."""
+        if self.plan is not None:
+            return self._forward_tokens(images, texts, self.plan)
         g, b, length = texts.shape
         text_features = self.clip.encode_text(texts.reshape(g * b, length), self.normalize)
         out = {
             "image_features": self.clip.encode_image(images, self.normalize),
             "text_features": text_features.reshape(g, b, -1),
-            "logit_scale": self.clip.logit_scale.exp(),
         }
+        return self._with_scale(out)
+
+    def heads_state(self) -> dict[str, Any]:
+        """``{"heads": state}`` of the token-loss heads for a checkpoint, ``{}`` without."""
+        return {"heads": self.heads.state_dict()} if self.heads is not None else {}
+
+    def load_heads(self, state: dict[str, Any], path: Path) -> None:
+        """Load a checkpoint's token-loss heads (one line naming the file when they are
+        missing or do not fit); nothing to do without heads."""
+        if self.heads is None:
+            return
+        try:
+            self.heads.load_state_dict(state["heads"])
+        except (KeyError, RuntimeError) as err:
+            raise UserError(
+                f"{path}: no token-loss heads that fit this run's --loss "
+                f"({str(err).splitlines()[0][:200]}); expected a checkpoint of the same run"
+            ) from None
+
+    def _with_scale(self, out: dict[str, Any]) -> dict[str, Any]:
+        out["logit_scale"] = self.clip.logit_scale.exp()
         if getattr(self.clip, "logit_bias", None) is not None:
             out["logit_bias"] = self.clip.logit_bias
         return out
+
+    def _forward_tokens(
+        self, images: torch.Tensor, texts: torch.Tensor, plan: TokenPlan
+    ) -> dict[str, Any]:
+        """The features, plus ``"dense"``: the plan's heads on the captured tokens."""
+        if plan.report_rows:  # one report text per sample, joined from the granularities
+            texts = join_texts(texts[list(plan.report_rows)], plan.capture.vocab)[None]
+        g, b, length = texts.shape
+        flat = texts.reshape(g * b, length)
+        with plan.capture.running(image=plan.image, text=plan.text):
+            image_features = self.clip.encode_image(images, self.normalize)
+            text_features = self.clip.encode_text(flat, self.normalize)
+        tokens = TokenBatch(
+            image=plan.capture.image_tokens() if plan.image else None,
+            text=plan.capture.text_tokens(flat) if plan.text else None,
+            image_size=(int(images.shape[-2]), int(images.shape[-1])),
+        )
+        out = {"image_features": image_features, "text_features": text_features.view(g, b, -1)}
+        out["dense"] = plan.heads(image_features, out["text_features"], tokens)
+        return self._with_scale(out)
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Where training metrics go: `metrics.jsonl` always, TensorBoard as `--report-to` says.
+"""Where training metrics go: `metrics.jsonl` always, TensorBoard as `--report-to` says; and
+what the master shows while it trains (a progress bar, a line per epoch).
 
 `--report-to auto` (the default) writes TensorBoard event files under `<run>/tensorboard` when
 the `tensorboard` package is installed and stays quiet when it is not; `tensorboard` insists
@@ -8,11 +9,16 @@ open_clip's `train/…` and `val/…` tags so dashboards built for it read ours.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .errors import UserError
 
@@ -106,11 +112,81 @@ class MetricsReporter:
         self.writer.flush()  # a dashboard watching a live run sees each log step
 
 
+class TrainingProgress:
+    """What the master shows while training: a tqdm bar over the run's steps (loss and
+    samples/s beside it) and a summary line per epoch.
+
+    The bar is drawn only on a terminal (tqdm's `disable=None`) unless `show` is False. Losses
+    are summed as they come (tensors stay on their device): reading one is a device sync, so
+    the postfix reads the last loss at most once a second and the epoch mean once an epoch.
+    """
+
+    def __init__(
+        self, total_steps: int, done_steps: int, samples_per_step: int, show: bool = True
+    ) -> None:
+        self.samples_per_step = samples_per_step
+        self.bar = tqdm(
+            total=total_steps,
+            initial=done_steps,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=None if show else True,
+        )
+        self._postfix_at = 0.0
+        self.start_epoch()
+
+    @property
+    def shown(self) -> bool:
+        """True when the bar is drawn (log lines then go through `tqdm.write`)."""
+        return not self.bar.disable
+
+    def start_epoch(self) -> None:
+        """Reset the epoch's totals."""
+        self.epoch_started = time.time()
+        self.epoch_steps = 0
+        self.loss_sum: Any = 0.0
+
+    def step(self, loss: Any) -> None:
+        """Count one optimizer step of this epoch with its loss (a float or 0-dim tensor)."""
+        self.epoch_steps += 1
+        self.loss_sum = self.loss_sum + loss
+        self.bar.update(1)
+        now = time.time()
+        if self.shown and now - self._postfix_at >= 1.0:
+            self._postfix_at = now
+            self.bar.set_postfix(loss=f"{float(loss):.4f}", samples_s=f"{self.rate():.1f}")
+
+    def rate(self) -> float:
+        """Samples per second over this epoch so far (all processes)."""
+        seconds = max(time.time() - self.epoch_started, 1e-9)
+        return self.epoch_steps * self.samples_per_step / seconds
+
+    def epoch_line(self, epoch: int, epochs: int, finished: bool) -> str:
+        """`epoch E of N done: S steps, mean loss L, R samples/s, T s` for the epoch just run."""
+        seconds = time.time() - self.epoch_started
+        mean = float(self.loss_sum) / self.epoch_steps if self.epoch_steps else float("nan")
+        state = "done" if finished else "stopped"
+        return (
+            f"epoch {epoch + 1} of {epochs} {state}: {self.epoch_steps} steps, mean loss "
+            f"{mean:.4f}, {self.rate():.1f} samples/s, {seconds:.1f} s"
+        )
+
+    def redirect_logging(self) -> contextlib.AbstractContextManager:
+        """While the bar is drawn, console log lines are written above it, not through it."""
+        return logging_redirect_tqdm() if self.shown else contextlib.nullcontext()
+
+    def close(self) -> None:
+        """Finish the bar."""
+        self.bar.close()
+
+
 __all__ = [
     "REPORT_CHOICES",
     "check_report_to",
     "MetricsReporter",
     "ReportError",
+    "TrainingProgress",
     "numeric_leaves",
     "tensorboard_available",
 ]

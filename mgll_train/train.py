@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,13 +23,14 @@ from open_clip_train.distributed import init_distributed_device_so
 from open_clip_train.scheduler import cosine_lr
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import Run, load_checkpoint, resolve_resume, set_rng_state, unwrap
+from .checkpoint import Run, load_checkpoint, load_weights, resolve_resume, set_rng_state, unwrap
 from .config import resolved_config
 from .data import MgllDataset, SampleTransform
+from .devices import usable_device
 from .errors import UserError
 from .feed import make_feed
 from .loop import Position, Session, Trainer, TrainingParts, train_step
-from .losses import create_loss, loss_class
+from .losses import TokenObjective, create_loss, loss_class
 from .model import DEFAULT_LOGIT_BIAS, FeatureModel, create_model
 from .reporting import MetricsReporter, check_report_to
 
@@ -39,7 +41,8 @@ _train_step = train_step
 
 
 def fit(args: argparse.Namespace) -> Path:
-    """Train as `args` says; return the run directory."""
+    """Train as `args` says; return the run directory. SIGTERM saves a step checkpoint and
+    exits with status 143 (128 + SIGTERM), so a scheduler sees the run did not finish."""
     started = time.time()
     session = start_session(args)
     parts = build_training(args, session)
@@ -59,9 +62,9 @@ def fit(args: argparse.Namespace) -> Path:
         if reporter is not None:
             reporter.close()
     if session.is_master and not stopped:
-        log.info(trainer.summary(position, time.time() - started))
+        log.info(trainer.summary(position, time.time() - started) + parts.feed.bad_samples.note())
     if stopped:  # SIGTERM: leave at once, without waiting for the other ranks
-        return session.run.root
+        sys.exit(128 + signal.SIGTERM)
     if session.world_size > 1:
         torch.distributed.barrier()
     return session.run.root
@@ -79,7 +82,8 @@ def default_name(args: argparse.Namespace) -> str:
 def start_session(args: argparse.Namespace) -> Session:
     """Join the process group, create the run directory, set up logging and seed."""
     check_report_to(args.report_to)  # every rank, before any work
-    dist = init_distributed_device_so(device=args.device)
+    device, fallback = usable_device(args.device)
+    dist = init_distributed_device_so(device=device)
     rank, world_size = dist["global_rank"], dist["world_size"]
     name = args.name or default_name(args)
     session = Session(
@@ -94,6 +98,8 @@ def start_session(args: argparse.Namespace) -> Session:
     if world_size > 1:
         torch.distributed.barrier()
     _setup_logging(session.run, session.is_master)
+    if fallback:
+        log.warning(fallback)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     return session
@@ -146,9 +152,16 @@ def build_training(args: argparse.Namespace, session: Session) -> TrainingParts:
         unmentioned=args.unmentioned,
         text_sampling=args.text_sampling,
         augment=args.augment,
+        # MGLL's targets are the labels; CLIP, MGCA and G2D pair images with texts only
+        labels_required=args.loss not in ("clip", "mgca", "g2d"),
     )
     feed = make_feed(args, transform, session.rank, session.world_size)
-    model: torch.nn.Module = FeatureModel(bundle.model, objective.normalized_features)
+    loss_fn = create_loss(args, session.rank, session.world_size)
+    plan = None
+    if isinstance(loss_fn, TokenObjective):  # token losses: captured tokens, trainable heads
+        plan = loss_fn.token_plan(bundle.model, bundle.tokenizer, tuple(args.granularities))
+        plan.heads.to(session.device)
+    model: torch.nn.Module = FeatureModel(bundle.model, objective.normalized_features, plan)
     if session.world_size > 1:
         device = session.device
         model = DistributedDataParallel(
@@ -167,7 +180,7 @@ def build_training(args: argparse.Namespace, session: Session) -> TrainingParts:
         optimizer=optimizer,
         scaler=torch.amp.GradScaler(session.device.type) if args.precision == "amp" else None,
         scheduler=cosine_lr(optimizer, args.lr, args.warmup, total_steps),
-        loss_fn=create_loss(args, session.rank, session.world_size),
+        loss_fn=loss_fn,
         total_steps=total_steps,
     )
 
@@ -196,8 +209,9 @@ def resume(args: argparse.Namespace, session: Session, parts: TrainingParts) -> 
             + ("" if "optimizer" in state else " without optimizer state")
             + f"; this run trains {args.model!r} (--resume needs a checkpoint of the same run)"
         )
+    load_weights(unwrap(parts.model).clip, state, path)  # one line naming what does not fit
+    unwrap(parts.model).load_heads(state, path)
     try:
-        unwrap(parts.model).clip.load_state_dict(state["state_dict"])
         parts.optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError) as err:  # other layers, or other frozen parameter groups
         message = str(err).splitlines()[0]

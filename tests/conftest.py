@@ -17,6 +17,19 @@ NIH_ROWS = 300
 REPO = Path(__file__).resolve().parents[1]
 
 
+def small_demo_build(root: Path, n: int = 40, seed: int = 3, raw_size: int = 64) -> Path:
+    """A ChestX-ray14-shaped demo of `n` images built at 64 px into `root/ds` (what the training
+    tests train on: small enough for a few CPU steps)."""
+    from mgll_data.build.engine import BuildOptions, build
+    from mgll_data.build.pipeline import load_pipeline
+    from mgll_data.demo.nih_release import write_demo_release
+
+    raw = write_demo_release(root / "raw", n=n, seed=seed, image_size=raw_size)
+    options = BuildOptions(image_size=64, progress=False)
+    build(load_pipeline("chestxray14"), raw, root / "ds", options)
+    return root / "ds"
+
+
 def run_module(module: str, args: list[str], **kwargs) -> subprocess.CompletedProcess:
     """`python -m module args...` from the repository root, offline, one BLAS thread each
     (several run side by side on a 2-core machine); output captured as text."""

@@ -32,6 +32,8 @@ import json
 import zipfile
 from pathlib import Path
 
+import numpy as np
+
 from tests.dicom_fixture import DX_PROCESSING, chest, make_dx, to_bytes
 
 CR_CLASS = "1.2.840.10008.5.1.4.1.1.1"
@@ -225,6 +227,38 @@ def make_ricord(root: Path) -> Path:
     name = "1c_mdai_rsna_project_MwBeK3Nr_annotations_labelgroup_all_2021-01-08-164102.json"
     (base / name).write_text(json.dumps(export), encoding="utf-8")
     return base
+
+
+def series_folder(base: Path, key: str) -> Path:
+    """The folder `make_ricord` wrote series `key` (`R1a`, ...) to."""
+    return next(p for p in base.rglob(f"*-{SERIES[key][-5:]}") if p.is_dir())
+
+
+def ricord_dicom(name: str, key: str, pixels=None, **tags) -> bytes:
+    """A DICOM of series `key` (`R1a`, ...) as `make_ricord` writes them; `pixels` (uint16,
+    default the chest phantom) and `tags` replace the defaults (e.g. SOPInstanceUID)."""
+    study = STUDY[f"R{key[1]}"]
+    pixels = chest() if pixels is None else pixels
+    fields = dict(
+        StudyInstanceUID=study,
+        SeriesInstanceUID=SERIES[key],
+        SOPInstanceUID=uid(9, abs(hash_name(name))),
+        StudyDescription="CHEST 1V",
+        ViewPosition="AP",
+    )
+    fields.update(tags)
+    ds = make_dx(pixels, **fields)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return to_bytes(ds)
+
+
+def add_ricord_duplicate(base: Path) -> Path:
+    """A second file with image C's SOPInstanceUID but other pixels (a flat field), written
+    after C in C's series folder (`1-3.dcm`, file 3 of metadata.csv row 4); returns it."""
+    flat = np.full(chest().shape, 1000, dtype=np.uint16)
+    path = series_folder(base, "R2a") / "1-3.dcm"
+    path.write_bytes(ricord_dicom("C", "R2a", flat, SOPInstanceUID=uid(9, abs(hash_name("C")))))
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,4 +468,4 @@ def make_commons(root: Path) -> Path:
     return base
 
 
-__all__ = ["make_commons", "make_ricord"]
+__all__ = ["add_ricord_duplicate", "make_commons", "make_ricord"]

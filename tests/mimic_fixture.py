@@ -257,3 +257,26 @@ def make_release(root: Path) -> Path:
                 archive.writestr(info, REPORTS[study].encode("utf-8"))
     (cxr / "files/p10/p10000032/s50414267.txt").write_text(REPORT_A, encoding="utf-8")
     return root
+
+
+def strip_reports(root: Path) -> Path:
+    """Remove every report of a `make_release` release, with the files that locate the MIMIC-CXR
+    release (`mimic-cxr-reports.zip`, `cxr-record-list.csv.gz`): the JPG release alone."""
+    cxr = root / "mimic-cxr" / "2.0.0"
+    for name in ("mimic-cxr-reports.zip", "cxr-record-list.csv.gz"):
+        (cxr / name).unlink()
+    for path in sorted(cxr.glob("files/p*/p*/s*.txt")):
+        path.unlink()
+    return root
+
+
+def write_report_files(root: Path, folder: str, studies: list[str] | None = None) -> Path:
+    """The reports of `studies` (all of REPORTS) as `root/folder/files/pXX/pSUBJECT/sSTUDY.txt`,
+    as unpacking `mimic-cxr-reports.zip` or fetching only the reports leaves them."""
+    subjects = {study: subject for _, subject, study, *_ in IMAGES}
+    for study in REPORTS if studies is None else studies:
+        subject = subjects[study]
+        path = root / folder / f"files/p{subject[:2]}/p{subject}/s{study}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(REPORTS[study], encoding="utf-8")
+    return root

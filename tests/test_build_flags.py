@@ -116,8 +116,11 @@ def _audit(event: str, args: tuple) -> None:
     if event == "os.fork":  # raised in the forking (parent) process
         watch["forks"] += 1
     elif event == "open" and isinstance(args[0], str | os.PathLike):
-        path, mode = os.fspath(args[0]), args[1]
-        reading = isinstance(mode, str) and not set(mode) & set("wax+")
+        path, mode, flags = os.fspath(args[0]), args[1], args[2]
+        if mode is None:  # os.open: the access mode is in the flags
+            reading = flags & os.O_ACCMODE == os.O_RDONLY
+        else:
+            reading = isinstance(mode, str) and not set(mode) & set("wax+")
         if reading and isinstance(path, str) and path.startswith(watch["prefix"]):
             # Forked workers inherit this hook: each read is appended with the reader's pid.
             fd = os.open(watch["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

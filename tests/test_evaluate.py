@@ -18,8 +18,10 @@ from mgll_train.evaluate.metrics import (
     multilabel_auroc,
     weighted_auroc,
 )
-from mgll_train.evaluate.probe import patient_subset
+from mgll_train.evaluate.probe import draw_patient_subset, patient_subset
+from mgll_train.evaluate.report import clean_metrics
 from mgll_train.evaluate.retrieval import chance_recall, label_set_keys, retrieval_metrics
+from mgll_train.evaluate.table import format_table
 from tests.conftest import run_module
 
 
@@ -132,6 +134,95 @@ def test_patient_subset_is_patient_level_with_a_positive_per_label():
     assert len(patient_subset(patients, labels, 1.0, seed=0)) == 300
 
 
+def test_low_support_labels_are_marked_and_left_out_of_the_supported_macro():
+    rng = np.random.default_rng(2)
+    labels = (rng.random((100, 3)) < 0.4).astype(np.float32)
+    labels[:, 1] = 0
+    labels[[3, 50, 77], 1] = 1  # three positives: under a minimum support of 5
+    labels[:, 2] = 1
+    labels[:4, 2] = 0  # four negatives: under 5 too
+    scores = labels + rng.normal(0, 1.0, labels.shape)
+    out = multilabel_auroc(labels, scores, ["a", "b", "c"], bootstrap=50, seed=0, min_support=5)
+    sk = [roc_auc_score(labels[:, j], scores[:, j]) for j in range(3)]
+    assert [out["per_label"][n]["low_support"] for n in "abc"] == [False, True, True]
+    assert out["per_label"]["b"]["auroc"] == pytest.approx(sk[1])  # still reported
+    assert out["macro_auroc"] == pytest.approx(np.mean(sk))  # the plain macro keeps them
+    assert out["macro_auroc_supported"] == pytest.approx(sk[0])
+    assert out["min_support"] == 5
+    four = multilabel_auroc(labels, scores, ["a", "b", "c"], bootstrap=0, min_support=4)
+    assert [four["per_label"][n]["low_support"] for n in "abc"] == [False, True, False]
+    assert four["macro_auroc_supported"] == pytest.approx((sk[0] + sk[2]) / 2)
+
+
+def _table_metrics() -> dict:
+    label = {"ci95": [0.61234567, 0.80123], "positives": 40, "negatives": 60}
+    return {
+        "checkpoint": "c.pt", "data": "d", "split": "test", "images": 100,
+        "zeroshot": {
+            "per_label": {
+                "Cardiomegaly": {**label, "auroc": 0.712345678, "low_support": False},
+                "A label name longer than twenty-eight characters": {
+                    "auroc": 1.0, "ci95": [None, None], "positives": 2, "negatives": 98,
+                    "low_support": True,
+                },
+            },
+            "skipped": {"Hernia": "not annotated in this split"},
+            "macro_auroc": 0.85617, "macro_auroc_ci95": [0.7, 0.95],
+            "macro_auroc_supported": 0.712345678, "macro_auroc_supported_ci95": [0.61, 0.8],
+            "chexpert5_auroc": None, "chexpert5_auroc_ci95": [None, None], "min_support": 5,
+        },
+        "linear_probe": {
+            "mode": "linear", "epochs": 3, "train_split": "train",
+            "1%": {"macro_auroc": 0.5, "map": 0.25, "train_images": 9, "train_patients": 3,
+                   "target_images": 3, "patients_added_for_labels": 2},
+            "10%": {"macro_auroc": 0.6, "map": 0.3, "train_images": 33, "train_patients": 11,
+                    "target_images": 30, "patients_added_for_labels": 0},
+            "100%": {"macro_auroc": 0.7, "map": 0.00012345, "train_images": 300,
+                     "train_patients": 100},
+        },
+    }  # fmt: skip
+
+
+def test_table_aligns_the_ci_column_and_rounds_to_four_decimals():
+    metrics = _table_metrics()
+    table = format_table(metrics).splitlines()
+    start = table.index("zero-shot AUROC (95 % bootstrap CI)")
+    header, *rows = table[start + 1 : start + 7]
+    assert [r.split()[0] for r in rows] == ["Cardiomegaly", "A", "macro", "macro,", "CheXpert"]
+    closing = {r.index("]") for r in rows} | {header.index("CI") + 1}
+    opening = {r.index("[") for r in rows}
+    assert len(closing) == 1 and len(opening) == 1  # the CI column lines up, header included
+    assert header.index("AUROC") + 4 == rows[0].index("0.7123") + 5  # right-aligned numbers
+    assert "0.7123  [0.6123, 0.8012]" in rows[0] and "0.712345678" not in "\n".join(table)
+    assert rows[1].rstrip().endswith("*") and "   n/a]" in rows[1]
+    assert "1.2e-04" in "\n".join(table)  # a tiny value keeps its digits
+    # metrics.json keeps full precision
+    assert clean_metrics(metrics)["zeroshot"]["per_label"]["Cardiomegaly"]["auroc"] == 0.712345678
+    notes = "\n".join(table)
+    assert "* fewer than 5 positives or negatives" in notes and "macro, supported" in notes
+    assert "skipped, not annotated in this split: Hernia" in notes
+
+
+def test_few_shot_subsets_report_how_they_were_drawn():
+    patients = [f"p{i // 3:03d}" for i in range(300)]  # 100 patients of 3 images
+    labels = np.zeros((300, 3), dtype=np.float32)
+    labels[:, 0] = 1  # every patient has label 0
+    labels[298, 1] = 1  # label 1: one patient (p099)
+    labels[150, 2] = 1  # label 2: one patient (p050)
+    subset = draw_patient_subset(patients, labels, 0.01, seed=0)
+    # ceil(1 % of 300) = 3 images: one patient drawn; then p099 and p050 for labels 1 and 2
+    assert subset.target_rows == 3 and subset.drawn_patients == 1
+    assert subset.added_patients == 2 and len(subset.rows) == 9
+    assert {patients[r] for r in subset.rows} >= {"p099", "p050"}
+    assert np.array_equal(subset.rows, patient_subset(patients, labels, 0.01, seed=0))
+    table = format_table(_table_metrics())
+    note = " ".join(table.split("1%: ", 1)[1].split("\n  10%")[0].split())
+    assert note == (
+        "patients drawn at random (seeded) until at least 3 of the 300 images, then 2 more "
+        "patients so that every label with a positive in train has one: 9 images, 3 patients"
+    )
+
+
 # ------------------------------------------------------------------------------- end to end
 
 
@@ -216,3 +307,24 @@ def test_eval_rejects_unknown_task(checkpoint, tmp_path, capsys):
         )  # fmt: skip
     assert exit_info.value.code == 2 and "unknown eval tasks" in capsys.readouterr().err
     assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.wires("mgll-train eval", "--min-support")
+def test_min_support_sets_which_labels_are_marked(checkpoint, tmp_path, capsys):
+    from mgll_train.cli import main
+
+    ckpt, data = checkpoint
+    marked = {}
+    for support in ("0", "1000"):
+        main(
+            ["eval", "--checkpoint", str(ckpt), "--data", str(data), "--tasks", "zeroshot",
+             "--out", str(tmp_path / support), "--workers", "0", "--bootstrap", "0",
+             "--min-support", support]
+        )  # fmt: skip
+        zs = json.loads((tmp_path / support / "metrics.json").read_text())["zeroshot"]
+        marked[support] = {n for n, r in zs["per_label"].items() if r["low_support"]}
+        assert zs["min_support"] == int(support)
+    table = capsys.readouterr().out
+    assert marked["0"] == set() and marked["1000"] == set(zs["per_label"]) != set()
+    assert zs["macro_auroc_supported"] is None and zs["macro_auroc"] is not None
+    assert "* fewer than 1000 positives or negatives" in table

@@ -1,36 +1,35 @@
 """`mgll-train` for a new user: a reused run name is refused, no false random-init warning,
-`--epochs 0` is an error, a final summary line, and a clear word on an exported folder."""
+`--epochs 0` is an error, a final summary line, a clear word on an exported folder, help and
+argument errors before torch loads, help for every flag, one line for a missing accelerator,
+and a quiet stop when the reader of its output goes away."""
 
 from __future__ import annotations
 
+import argparse
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from mgll_data.build.engine import BuildOptions, build
-from mgll_data.build.pipeline import load_pipeline
-from mgll_data.demo.nih_release import write_demo_release
-from tests.conftest import run_module
+from mgll_train.cli import _parser
+from tests.conftest import REPO, run_module, small_demo_build
 
 RANDOM_INIT = "No pretrained weights loaded for model"
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("first-hour-data")
-    raw = write_demo_release(root / "raw", n=40, seed=3, image_size=64)
-    build(
-        load_pipeline("chestxray14"), raw, root / "ds", BuildOptions(image_size=64, progress=False)
-    )
-    return root / "ds"
+    return small_demo_build(tmp_path_factory.mktemp("first-hour-data"))
 
 
 @pytest.fixture(scope="module")
 def trained(dataset, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """One fresh one-step run `logs/run` and the output of its `fit`."""
+    """One fresh one-step run `logs/run` and the output of its `fit`, asked to run on an
+    accelerator this machine lacks (Apple's mps: known to torch, never available on Linux)."""
     logs = tmp_path_factory.mktemp("first-hour-logs")
-    result = _mgll_train(*_fit(dataset, logs, "run"))
+    result = _mgll_train(*_fit(dataset, logs, "run", "--device", "mps"))
     assert result.returncode == 0, result.stderr[-2000:]
     return logs / "run", result
 
@@ -123,3 +122,126 @@ def test_eval_of_an_exported_folder_says_what_it_expected(trained, dataset, tmp_
     (line,) = result.stderr.strip().splitlines()
     assert "not found" not in line
     assert ".pt" in line and "mgll-train fit" in line and f"local-dir:{folder}" in line
+
+
+def test_fit_in_a_pipe_draws_no_bar_and_says_where_everything_is(trained):
+    run, fit = trained
+    assert "train:" not in fit.stderr and "step/s" not in fit.stderr  # stderr is no terminal
+    last = fit.stdout.strip().splitlines()[-1]
+    assert f"log {run / 'out.log'}" in last and f"metrics {run / 'metrics.jsonl'}" in last
+
+
+@pytest.mark.wires("mgll-train fit", "--device")
+def test_a_missing_accelerator_is_one_line_in_our_words(trained, caplog):
+    run, fit = trained
+    said = [x for x in (fit.stdout + fit.stderr).splitlines() if "mps" in x]
+    assert len(said) == 1, said
+    assert said[0].endswith("--device mps: no mps device is available here; running on the CPU")
+    assert "open_clip" not in fit.stderr and "UserWarning" not in fit.stderr
+    assert "--device mps" in (run / "out.log").read_text()
+    # eval reads --device the same way
+    from mgll_train.evaluate.cli import eval_device
+
+    with caplog.at_level("WARNING", logger="mgll_train"):
+        assert eval_device("mps").type == "cpu"
+    assert [r.getMessage() for r in caplog.records] == [said[0].split(" | ")[-1]]
+
+
+# ------------------------------------------------------------------ help and argument errors
+
+HEAVY = ("torch", "open_clip", "open_clip_train", "datasets")
+
+
+def _imported(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run `python -X importtime -m mgll_train args`; the top-level packages it imported."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "mgll_train", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    modules = {
+        line.rsplit("|", 1)[-1].strip().split(".")[0]
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    return result, modules
+
+
+@pytest.mark.parametrize(
+    "args, status, says",
+    [
+        (["--help"], 0, "fit"),
+        (["fit", "--help"], 0, "--train-data"),
+        (["eval", "--help"], 0, "--min-support"),
+        (["export", "--help"], 0, "--checkpoint"),
+        (["fit", "--batch-size", "0", "--train-data", "x"], 2, "--batch-size: must be a positive"),
+        (["fit", "--batch-size", "4"], 2, "--train-data is required"),
+        (["fit", "--train-data", "x", "--epochs", "0"], 2, "--epochs must be a positive"),
+        (["fit", "--train-data", "x", "--save-frequency", "0"], 2, "--save-frequency: must be"),
+        (["eval", "--checkpoint", "c.pt", "--out", "o"], 2, "--data"),
+    ],
+)
+def test_help_and_argument_errors_come_before_torch(args, status, says):
+    result, modules = _imported(*args)
+    assert result.returncode == status, result.stderr[-2000:]
+    assert says in (result.stdout if status == 0 else result.stderr)
+    assert "mgll_train" in modules  # the import log was read
+    assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+
+
+def _options(command: str) -> list[argparse.Action]:
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    return [a for a in parser._actions if a.option_strings and a.dest != "help"]
+
+
+@pytest.mark.parametrize("command", ["fit", "eval", "export"])
+def test_every_flag_says_what_it_does_and_its_default(command):
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    for action in _options(command):
+        assert action.help and len(action.help) > 10, action.option_strings
+        if action.required or "(required" in action.help:  # --train-data may come from -c
+            continue
+        shown = parser._get_formatter()._expand_help(action)  # as --help prints it
+        assert "default" in shown, (action.option_strings, shown)
+        if action.default not in (None, False):  # a value, not a word, is the default
+            assert f"(default: {action.default})" in shown, (action.option_strings, shown)
+
+
+def test_required_flags_are_listed_as_required():
+    for command, flags in (
+        ("fit", {"--train-data"}),
+        ("eval", {"--checkpoint", "--data", "--out"}),
+        ("export", {"--checkpoint", "--out"}),
+    ):
+        sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+        text = sub.choices[command].format_help()
+        section = text.split("required arguments:\n", 1)[1].split("\n\n", 1)[0]
+        assert {f for f in flags if f"  {f} " in section} == flags, section
+
+
+def _closed_stdout(*args: str) -> tuple[int, str]:
+    """Run `python -m mgll_train args` whose reader is gone before it writes anything."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mgll_train", *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    return proc.wait(timeout=120), err
+
+
+def test_a_closed_pipe_stops_quietly(trained, tmp_path):
+    run, _ = trained
+    status, err = _closed_stdout("fit", "--help")
+    assert status == 0 and err == ""
+    status, err = _closed_stdout(
+        "export", "--checkpoint", str(run / "checkpoints" / "epoch_latest.pt"), "--out",
+        str(tmp_path / "x"),
+    )  # fmt: skip
+    assert status == 141, err[-2000:]
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception" not in err
+    assert (tmp_path / "x" / "open_clip_config.json").is_file()  # the work itself was done

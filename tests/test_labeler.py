@@ -197,3 +197,56 @@ def test_dev_sets_are_well_formed():
         assert (row["labels"].get("No Finding") == 1.0) == (not {1.0, -1.0} & set(others)), row
     for row in module.load_dev_reports():
         assert "FINDINGS:" in row["text"] and "IMPRESSION:" in row["text"]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # A trigger that runs past the end of a fixed phrase still reads on ("clear" + "of").
+        (
+            "The lungs are clear of focal airspace disease, pneumothorax, or pleural effusion.",
+            {"Lung Opacity": 0.0, "Pneumothorax": 0.0, "Pleural Effusion": 0.0, "No Finding": 1.0},
+        ),
+        # An XXXX de-identification token is no word: "the heart [is] slightly large".
+        ("The heart XXXX is slightly large.", {"Cardiomegaly": 1.0}),
+        # A hedged phrase can be denied; it decides no mention after it.
+        ("No hyperexpansion of the lungs.", {"No Finding": 1.0}),
+        # Hedges of real reports.
+        ("Please note that fractures may not be demonstrated.", {"Fracture": -1.0}),
+        ("Pneumonia is in the differential.", {"Pneumonia": -1.0}),
+        ("Please correlate clinically for pneumonia.", {"Pneumonia": -1.0}),
+        ("Could indicate an atypical pneumonia.", {"Pneumonia": -1.0}),
+        (
+            "Differential considerations include atelectasis, infiltrate, aspiration.",
+            {"Lung Opacity": -1.0, "Atelectasis": -1.0},
+        ),
+        # Old infection is not pneumonia now; granulomatous disease is a lesion (as indexed).
+        ("Residuals of prior granulomatous infection.", {"Lung Lesion": 1.0}),
+        ("Prior granulomatous disease.", {"Lung Lesion": 1.0}),
+        ("Hilar calcifications suggest a previous granulomatous process.", {"Lung Lesion": -1.0}),
+        # CheXpert: vascular congestion is uncertain edema; "history of X" is not X now;
+        # "volume loss" alone is no atelectasis mention.
+        ("Mild central vascular congestion.", {"Edema": -1.0}),
+        (
+            "Stable right suprahilar opacity, compatible with history of right upper lobe mass.",
+            {"Lung Opacity": 1.0, "Lung Lesion": 0.0},
+        ),
+        ("Stable right-sided volume loss.", {"No Finding": 1.0}),
+        # Partial resolution leaves the finding; "pneumonitis" is a pneumonia.
+        ("COPD with almost completely resolved right apical pneumothorax.", {"Pneumothorax": 1.0}),
+        ("Patchy opacity consistent with pneumonitis.", {"Lung Opacity": 1.0, "Pneumonia": 1.0}),
+    ],
+)
+def test_real_report_wordings(labeler, text, expected):
+    assert {k: v for k, v in labeler.label(text).items() if k in CHEXPERT_LIKE} == expected
+
+
+def test_a_hedged_phrase_decides_no_mention_after_it(labeler):
+    labels = labeler.label("Hyperexpanded lungs consistent with emphysema.")
+    assert labels["Emphysema"] == 1.0
+    assert labeler.label("Lungs are hyperexpanded.")["Emphysema"] == -1.0
+
+
+def test_masked_words_become_spaces():
+    assert prepare_text("no XXXX of effusion, x-XXXX") == "no      of effusion, x-    "
+    assert prepare_text("x-ray 2 x 3 cm") == "x-ray 2 x 3 cm"  # lower-case x is a word

@@ -34,6 +34,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -178,11 +179,15 @@ def _make_loss(cfg: dict, rank: int = 0, world_size: int = 1) -> MGLLLoss:
 # ----------------------------------------------------------------------------- the worker
 
 
-def _worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
+def _join_group(rank: int, world_size: int, store: str) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+
+
+def _worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
+    _join_group(rank, world_size, store)
     from open_clip.loss import ClipLoss
 
     batch = make_global_batch()
@@ -230,9 +235,11 @@ def _worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _run(world_size: int, tmp: Path, timeout_s: float = 120.0) -> list[dict]:
+def _run(
+    world_size: int, tmp: Path, timeout_s: float = 120.0, worker: Callable | None = None
+) -> list[dict]:
     ctx = mp.start_processes(
-        _worker,
+        worker or _worker,
         args=(world_size, str(tmp / "store"), str(tmp)),
         nprocs=world_size,
         join=False,
@@ -506,3 +513,154 @@ def test_official_mode_uses_the_local_batch_only(runs):
         torch.testing.assert_close(r[_key(cfg)]["out"]["loss"], local["loss"].detach(), **TOL)
     global_loss = _single(cfg, batch)["out"]["loss"]
     assert abs(results[0][_key(cfg)]["out"]["loss"] - global_loss) > 1e-6
+
+
+# ----------------------------------------------------------------------------- token objectives
+#
+# MGCA (--loss mgca) and MGLL + G2D (--dense-loss g2d) on 2 gloo processes against one process
+# on the concatenated batch, with gather_with_grad (the exact-gradient setting). The heads'
+# outputs are made here by a tiny encoder of linear maps, as the features above.
+#
+# What is equal: the instance (global contrastive) term on every rank without local_loss, and
+# its mean over ranks with it; the Sinkhorn codes of each rank's rows (their normalisation is
+# all-reduced, so they are the single-process codes of the global batch); the DDP-averaged
+# parameter gradients of the whole loss. What is not: the token, prototype and dense terms are
+# means over each rank's own samples, so a rank's value differs from the global one (their mean
+# over ranks is equal and checked). In training, the heads' BatchNorm statistics are also
+# per rank (not synchronised), which no test here can make equal: these tests feed the loss
+# directly.
+
+TOKEN_PARAMS = ("w_img", "w_txt", "w_patch", "w_word", "protos", "w_pix", "log_scale", "bias")
+N_PATCH, N_WORD, N_PROTO = 5, 6, 7
+TOKEN_CONFIGS = [
+    {"loss": "mgca", "local_loss": False},
+    {"loss": "mgca", "local_loss": True},
+    {"loss": "mgll+g2d", "local_loss": False},
+]
+
+
+def _token_key(cfg: dict) -> str:
+    return f"{cfg['loss']}/local_loss={cfg['local_loss']}"
+
+
+def make_token_batch() -> dict:
+    gen = torch.Generator().manual_seed(7)
+    batch = make_global_batch()
+    counts = torch.tensor([6, 3, 1, 4, 6, 2, 5, 1, 3, 6, 4, 2])  # words per report
+    weights = torch.rand(N, N_WORD, generator=gen, dtype=torch.float64)
+    weights = weights * (torch.arange(N_WORD)[None] < counts[:, None])
+    patch_weights = torch.rand(N, N_PATCH, generator=gen, dtype=torch.float64)
+    batch.update(
+        x_patch=torch.randn(N, N_PATCH, D_IN, generator=gen, dtype=torch.float64),
+        x_word=torch.randn(N, N_WORD, D_IN, generator=gen, dtype=torch.float64),
+        x_pix=torch.randn(N, 16, D_IN, generator=gen, dtype=torch.float64),
+        word_mask=torch.arange(N_WORD)[None] < counts[:, None],
+        word_weights=weights / weights.sum(1, keepdim=True),
+        patch_weights=patch_weights / patch_weights.sum(1, keepdim=True),
+        mask_target=(torch.rand(N, 1, 4, 4, generator=gen) > 0.7).double(),
+        w_patch=torch.randn(D_IN, D, generator=gen, dtype=torch.float64),
+        w_word=torch.randn(D_IN, D, generator=gen, dtype=torch.float64),
+        protos=torch.randn(N_PROTO, D, generator=gen, dtype=torch.float64),
+        w_pix=torch.randn(D_IN, generator=gen, dtype=torch.float64),
+    )
+    return batch
+
+
+def _token_forward(cfg: dict, batch: dict, sl: slice, rank: int = 0, world_size: int = 1):
+    """The loss, its gradients (parameter name -> grad) and the image Sinkhorn codes."""
+    from mgll_train.losses import G2DLoss, MGCALoss
+    from mgll_train.losses.mgca import sinkhorn
+
+    params = {n: batch[n].clone().requires_grad_() for n in TOKEN_PARAMS}
+    dist_opts = dict(rank=rank, world_size=world_size, gather_with_grad=True)
+    img, txt = _encode(params, batch["x_img"][sl], batch["x_txt"][:, sl])
+    scale = params["log_scale"].exp()
+    if cfg["loss"] == "mgca":
+        mask = batch["word_mask"][sl]
+        protos = F.normalize(params["protos"], dim=1)
+        dense = {
+            "image_global": img,
+            "text_global": txt[1],
+            "image_prototypes": img @ protos.T,
+            "text_prototypes": txt[1] @ protos.T,
+            "patches": F.normalize(batch["x_patch"][sl] @ params["w_patch"], dim=-1),
+            "patch_weights": batch["patch_weights"][sl],
+            "words": F.normalize(batch["x_word"][sl] @ params["w_word"], dim=-1) * mask[..., None],
+            "word_weights": batch["word_weights"][sl],
+            "word_mask": mask,
+        }
+        loss = MGCALoss(local_loss=cfg["local_loss"], **dist_opts)
+        out = loss(img, txt[1:2], scale, dense=dense)
+        codes = sinkhorn(dense["image_prototypes"].detach(), world_size=world_size)
+    else:
+        logits = (batch["x_pix"][sl] @ params["w_pix"]).view(-1, 1, 4, 4)
+        dense = {"mask_logits": logits, "mask_target": batch["mask_target"][sl]}
+        global_loss = MGLLLoss(weights=WEIGHTS, local_loss=cfg["local_loss"], **dist_opts)
+        loss = G2DLoss(global_objective=global_loss, start_step=0, report=(), **dist_opts)
+        out = loss(
+            img, txt, scale, params["bias"], batch["labels"][sl], batch["text_ids"][:, sl],
+            dense=dense,
+        )  # fmt: skip
+        codes = None
+    grads = torch.autograd.grad(out["loss"], list(params.values()), allow_unused=True)
+    grads = {
+        n: torch.zeros_like(p) if g is None else g
+        for (n, p), g in zip(params.items(), grads, strict=True)
+    }
+    return {k: v.detach() for k, v in out.items()}, grads, codes
+
+
+def _token_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
+    _join_group(rank, world_size, store)
+    batch = make_token_batch()
+    b = N // world_size
+    sl = slice(rank * b, (rank + 1) * b)
+    results = {}
+    for cfg in TOKEN_CONFIGS:
+        out, grads, codes = _token_forward(cfg, batch, sl, rank, world_size)
+        for grad in grads.values():
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # as DDP: sum over ranks / W
+            grad /= world_size
+        results[_token_key(cfg)] = {"out": out, "avg": grads, "codes": codes}
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def token_runs(tmp_path_factory):
+    return _run(2, tmp_path_factory.mktemp("dist-token"), worker=_token_worker)
+
+
+@pytest.mark.parametrize("cfg", TOKEN_CONFIGS, ids=_token_key)
+def test_token_losses_equal_single_process(token_runs, cfg):
+    """Each loss and its DDP-averaged gradients on 2 ranks against one process.
+
+    Equal: the instance term (per rank without local_loss, on average with it), the Sinkhorn
+    codes, the averaged parameter gradients. Not equal per rank, by construction: the token,
+    prototype and dense terms (means over a rank's own samples; their mean over ranks is
+    checked), and, in training, the heads' BatchNorm statistics (per rank, not tested here).
+    """
+    key = _token_key(cfg)
+    batch = make_token_batch()
+    single, single_grads, single_codes = _token_forward(cfg, batch, slice(0, N))
+    per_rank = [r[key]["out"] for r in token_runs]
+    for term in ("loss", "token", "prototype", "dense"):  # per-rank means: equal on average
+        if term in single:
+            mean = torch.stack([o[term] for o in per_rank]).mean()
+            torch.testing.assert_close(mean, single[term], **TOL, msg=f"{key} {term}")
+            assert abs(per_rank[0][term] - per_rank[1][term]) > 1e-6, (key, term)
+    if cfg["loss"] == "mgca":
+        instance = torch.stack([o["instance"] for o in per_rank])
+        if cfg["local_loss"]:
+            torch.testing.assert_close(instance.mean(), single["instance"], **TOL)
+        else:
+            for value in instance:
+                torch.testing.assert_close(value, single["instance"], **TOL)
+        codes = torch.cat([r[key]["codes"] for r in token_runs])
+        torch.testing.assert_close(codes, single_codes, **TOL, msg=key)
+    for name, grad in single_grads.items():
+        for r in token_runs:
+            torch.testing.assert_close(r[key]["avg"][name], grad, **TOL, msg=f"{key} {name}")
+    used = ("w_patch", "w_word", "protos") if cfg["loss"] == "mgca" else ("w_pix", "bias")
+    assert all(single_grads[n].abs().max() > 1e-6 for n in used), key

@@ -18,7 +18,9 @@ from mgll_data.cli import main
 from mgll_data.errors import UserError
 from mgll_data.publish.export import export, sample_key
 from mgll_data.publish.inspect import read_card_header
-from mgll_data.publish.merge import merge
+from mgll_data.publish.merge import check_compatible, merge
+from mgll_data.record import SCHEMA_VERSION
+from mgll_data.schema import schema_version
 from tests.fake_hub import build_dataset, pipeline_variant, write_release
 
 
@@ -33,6 +35,13 @@ def two(work):
     a = build_dataset(release, work / "a", rows_per_shard=4)
     b = build_dataset(release, work / "b", pipeline_variant(work, name="nih_b"), rows_per_shard=8)
     return a, b
+
+
+CARD_FIGURES = [
+    "figures/label_cooccurrence.png",
+    "figures/label_prevalence.png",
+    "figures/sample_images.png",
+]
 
 
 def rows_of(folder, pattern="data/**/*.parquet"):
@@ -167,11 +176,7 @@ def test_card_figures_and_sections_are_deterministic(two, work):
     assert (again / "README.md").read_bytes() == (a / "README.md").read_bytes()
     text = (a / "README.md").read_text()
     figures = sorted(p.relative_to(a).as_posix() for p in (a / "figures").glob("*.png"))
-    assert figures == [
-        "figures/label_cooccurrence.png",
-        "figures/label_prevalence.png",
-        "figures/sample_images.png",
-    ]
+    assert figures == CARD_FIGURES
     for path in figures:
         assert f"]({path})" in text
         assert (again / path).read_bytes() == (a / path).read_bytes()
@@ -185,3 +190,54 @@ def test_card_figures_and_sections_are_deterministic(two, work):
     # the YAML header still parses for datasets, figures and all
     builder = load_dataset_builder(str(a))
     assert builder.info.features["labels"].length == len(read_card_header(a)["mgll"]["label_names"])
+
+
+def test_merged_card_has_the_figures_and_prevalence_table_of_a_built_card(two, work):
+    a, b = two
+    merged = work / "merged-card"
+    merge([a, b], merged)
+    text = (merged / "README.md").read_text()
+    figures = sorted(p.relative_to(merged).as_posix() for p in (merged / "figures").glob("*.png"))
+    assert figures == CARD_FIGURES
+    assert "## Figures" in text and "## Text lengths" in text and "## Example rows" in text
+    for path in figures:
+        assert f"]({path})" in text
+        with Image.open(merged / path) as image:
+            image.verify()
+    # the table counts every row of both sources, split by split, read here from the shards
+    mgll = read_card_header(merged)["mgll"]
+    names = mgll["label_names"]
+    rows = rows_of(merged)
+    splits = [s for s in ("train", "validation", "test") if any(r["split"] == s for r in rows)]
+    assert f"| label | {' | '.join(splits)} |" in text
+    for name in ("Atelectasis", "Lung Lesion"):
+        k = names.index(name)
+        cells = []
+        for split in splits:
+            seen = [r["labels"][k] for r in rows if r["split"] == split]
+            seen = [v for v in seen if not math.isnan(v)]
+            positive = sum(v == 1.0 for v in seen)
+            share = f"{positive / len(seen):.1%}" if seen else ""
+            cells.append(f"{positive} / {len(seen)} ({share})" if seen else "not annotated")
+        assert f"| {name} | {' | '.join(cells)} |" in text
+    assert "Lung Lesion" not in mgll["annotated_labels"]
+
+
+def test_schema_versions_1_and_2_merge_and_others_are_refused():
+    """Version 2 only added optional columns, so a version 1 build merges with a version 2 one
+    (when neither has optional columns); a version this code does not know is refused."""
+    assert SCHEMA_VERSION == schema_version() == 2  # record.py and schemas/record.yaml agree
+    block = {"domain": "chest_xray", "vocab_version": "1.2.0", "label_names": ["A", "B"]}
+    v1, v2 = Path("v1-build"), Path("v2-build")
+    check_compatible({v1: {**block, "schema_version": 1}, v2: {**block, "schema_version": 2}})
+    with pytest.raises(UserError, match=r"^cannot merge v1-build and v3-build: schema_version "):
+        check_compatible(
+            {v1: {**block, "schema_version": 1}, Path("v3-build"): {**block, "schema_version": 3}}
+        )
+    with pytest.raises(UserError, match=r"optional_columns differs"):
+        check_compatible(
+            {
+                v1: {**block, "schema_version": 1},
+                v2: {**block, "schema_version": 2, "optional_columns": ["mask"]},
+            }
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -20,7 +21,14 @@ from mgll_data.sources import make_source
 from mgll_data.sources.mimic_cxr import parse_study_time
 from mgll_data.vocab import load_vocabulary
 from tests.dicom_fixture import PHI
-from tests.mimic_fixture import CHEXPERT, IDS, NEGBIO, make_release
+from tests.mimic_fixture import (
+    CHEXPERT,
+    IDS,
+    NEGBIO,
+    make_release,
+    strip_reports,
+    write_report_files,
+)
 
 PIPELINE = load_pipeline("mimic_cxr")
 VOCAB = load_vocabulary("chest_xray")
@@ -165,8 +173,8 @@ def test_negbio_and_quarantine_policy(release, tmp_path):
     items = {NAME[i.id.split(":")[1]]: i for i in source.scan().items}
     assert items["B1"].labels == _csv_labels(NEGBIO, "53189527")
     assert items["B1"].labels["Edema"] == 0.0
-    raw = dict(PIPELINE.raw, labels=dict(PIPELINE.raw["labels"], missing="quarantine"))
-    strict = make_source(type(PIPELINE)(**{**PIPELINE.__dict__, "raw": raw}), release, VOCAB)
+    labels = dataclasses.replace(PIPELINE.labels, missing="quarantine")
+    strict = make_source(dataclasses.replace(PIPELINE, labels=labels), release, VOCAB)
     scan = strict.scan()
     reasons = {NAME[q.id.split(":")[1]]: q.reason for q in scan.quarantine}
     assert "absent from mimic-cxr-2.0.0-chexpert.csv.gz" in reasons["E1"]
@@ -231,3 +239,57 @@ def test_bad_label_value_is_one_line_error(release, tmp_path):
     with pytest.raises(UserError, match="expected 1.0, 0.0, -1.0 or blank") as err:
         make_source(PIPELINE, root, VOCAB).scan()
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("folder", ["mimic-cxr/2.0.0", "mimic-cxr-reports"])
+def test_report_files_found_without_record_list_or_zip(release, tmp_path, folder):
+    # Reports unpacked into the MIMIC-CXR folder, or into a folder of their own beside the JPG
+    # release; neither cxr-record-list.csv.gz nor mimic-cxr-reports.zip is there to locate them.
+    root = write_report_files(strip_reports(shutil.copytree(release, tmp_path / "r")), folder)
+    scan = make_source(PIPELINE, root, VOCAB).scan()
+    items = {NAME[i.id.split(":")[1]]: i for i in scan.items}
+    assert items["B1"].sections["impression"].startswith("Moderate cardiomegaly with small")
+    assert items["E1"].sections["findings"] == "Small right pleural effusion. No pneumothorax."
+    assert items["D1"].sections == {}  # s57375967 has no report anywhere
+    # Studies with an item: A, B, C, D, E, F (G is in no split); D's report is missing.
+    assert "reports found for 5 of 6 studies" in scan.notes
+    assert not any(n.startswith("WARNING") for n in scan.notes)
+    text = make_source(PIPELINE, root, VOCAB, {"labels": "text"}).scan()
+    labels = {NAME[i.id.split(":")[1]]: i.labels for i in text.items}
+    assert labels["B1"]["Cardiomegaly"] == 1.0 and labels["E1"]["Pleural Effusion"] == 1.0
+
+
+def test_build_summary_counts_reports_and_warns_when_most_are_missing(release, jpg_build, tmp_path):
+    manifest = json.loads((jpg_build / "_build" / "manifest.json").read_text())
+    assert "reports found for 5 of 6 studies" in manifest["notes"]
+    root = write_report_files(
+        strip_reports(shutil.copytree(release, tmp_path / "r")), "mimic-cxr/2.0.0", ["50414267"]
+    )
+    out = tmp_path / "out"
+    summary = build(
+        PIPELINE, root, out, BuildOptions(progress=False, image_size=32, source_options=())
+    )
+    lines = summary.lines()
+    assert "note: reports found for 1 of 6 studies" in lines
+    warning = next(line for line in lines if "WARNING" in line)
+    assert "most studies have no report (5 of 6)" in warning and "label templates" in warning
+    assert _rows(out)["B1"]["text_origin"][1] == "label_template"
+
+
+def test_text_labels_without_any_report_stop_before_image_work(release, tmp_path):
+    root = strip_reports(shutil.copytree(release, tmp_path / "r"))
+    out = tmp_path / "out"
+    options = BuildOptions(progress=False, image_size=32, source_options=(("labels", "text"),))
+    with pytest.raises(UserError, match="--labels text needs report texts") as err:
+        build(PIPELINE, root, out, options)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "files/pXX/pSUBJECT/sSTUDY.txt under" in message
+    assert str(root / "mimic-cxr-jpg" / "2.0.0") in message  # where it looked
+    assert "no mimic-cxr-reports.zip found" in message
+    assert not list(out.rglob("*.parquet"))  # stopped before any image was read
+
+
+def test_mesh_labels_are_not_a_mimic_option(release):
+    with pytest.raises(UserError, match="--labels 'mesh': expected one of"):
+        make_source(PIPELINE, release, VOCAB, {"labels": "mesh"})

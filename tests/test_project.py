@@ -50,7 +50,7 @@ def test_wheel_ships_schemas_and_pipelines(tmp_path):
     )
     wheel = next(tmp_path.glob("mgll-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "mgll_data/_data/schemas/record_v1.yaml" in names
+    assert "mgll_data/_data/schemas/record.yaml" in names
     assert "mgll_data/_data/schemas/chest_xray.yaml" in names
     assert "mgll_data/_data/pipelines/chestxray14.yaml" in names
     target = tmp_path / "site"

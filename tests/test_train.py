@@ -17,19 +17,14 @@ import torch
 from mgll_data.build.engine import BuildOptions, build
 from mgll_data.build.pipeline import load_pipeline
 from mgll_data.demo.nih_release import write_demo_release
-from tests.conftest import run_module
+from tests.conftest import run_module, small_demo_build
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train-data")
-    raw = write_demo_release(root / "raw", n=60, seed=5, image_size=96)
-    build(
-        load_pipeline("chestxray14"), raw, root / "ds", BuildOptions(image_size=64, progress=False)
-    )
-    return root / "ds"
+    return small_demo_build(tmp_path_factory.mktemp("train-data"), n=60, seed=5, raw_size=96)
 
 
 def _fit_args(dataset: Path, logs: Path, name: str, *extra: str, batch_size: int = 4) -> list[str]:
@@ -160,7 +155,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(dataset, tmp_path):
             break
         time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 0, process.stderr.read()[-2000:]
+    assert process.wait(timeout=120) == 143, process.stderr.read()[-2000:]  # 128 + SIGTERM
     steps = sorted((tmp_path / "cut" / "checkpoints").glob("step_*.pt"))
     assert len(steps) == 1
     cut_at = int(steps[0].stem.split("_")[1])

@@ -28,8 +28,8 @@ class LabelsCsvSource(Source):
         table = self.root / "labels.csv"
         if not table.is_file():
             raise UserError(f"{self.root}: no labels.csv (image,findings) in the release")
-        label_map = self.pipeline.section("labels")["map"]  # release name -> vocabulary name
-        splits = self.pipeline.section("splits")
+        label_map = self.pipeline.labels.map  # release name -> vocabulary name
+        splits = self.pipeline.splits  # typed, checked and defaulted when the YAML was loaded
         result = ScanResult(items=[], inputs=[table])  # the file that defines the items
         with open(table, newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):
@@ -50,9 +50,9 @@ class LabelsCsvSource(Source):
                 labels.update({label_map[x]: 1.0 for x in findings})
                 split = hash_split(
                     row["image"],
-                    splits["hash_salt"],
-                    splits["validation_fraction"],
-                    splits["test_fraction"],
+                    splits.hash_salt,
+                    splits.validation_fraction,
+                    splits.test_fraction,
                 )
                 result.items.append(
                     RawItem(

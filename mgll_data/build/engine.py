@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import shutil
 import time
@@ -25,14 +26,16 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..errors import UserError
-from ..imaging.raster import ImagePolicy
+from ..imaging.raster import DEFAULT_MAX_PIXELS, ImagePolicy
 from ..publish.card import write_card
-from ..record import SCHEMA_VERSION, SPLITS
-from ..schema import dumps_sorted, record_schema
+from ..record import OPTIONAL_COLUMNS_KEY, SPLITS
+from ..schema import dumps_sorted, schema_of_block, schema_version
 from ..sources import make_source
+from ..sources.base import ScanResult
 from ..vocab import Vocabulary, load_vocabulary
-from .executors import run_tasks
+from .executors import ExecutorSpec, execute
 from .items import QuarantineEntry, RawItem
+from .lock import folder_lock
 from .pipeline import Pipeline
 from .stages import BuildContext, Task
 from .writer import ShardPlan, ShardStats, ShardWriter, file_sha256, write_json
@@ -55,6 +58,10 @@ class BuildOptions:
     progress: bool | None = None  # None: show a bar when stderr is a terminal
     source_options: tuple[tuple[str, str], ...] = ()  # e.g. (("images", "dicom"),)
     crop_borders: bool | None = None  # None: as the pipeline's `image.crop_borders` says
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # larger images are quarantined, never decoded
+    # Where the stages run (executors.py); output and fingerprint are the same on either.
+    executor: str = "local"
+    ray_address: str | None = None
 
     def fingerprint_options(self) -> dict[str, Any]:
         return {
@@ -64,7 +71,12 @@ class BuildOptions:
             "rows_per_shard": self.rows_per_shard,
             "source_options": dict(self.source_options),
             "crop_borders": self.crop_borders,
+            "max_image_pixels": self.max_image_pixels,
         }
+
+    def executor_spec(self) -> ExecutorSpec:
+        """Where the stages run; not part of the fingerprint, so either executor resumes."""
+        return ExecutorSpec(self.executor, self.workers, self.ray_address, self.rows_per_shard)
 
 
 @dataclass
@@ -135,20 +147,59 @@ def _fingerprint(
     pipeline: Pipeline,
     vocab: Vocabulary,
     options: BuildOptions,
-    inputs: list[Path],
+    scan: ScanResult,
     items: list[RawItem],
+    root: Path,
 ) -> str:
+    """What `--resume` compares: configuration, versions, metadata files, and every image file.
+
+    Image files count by size and mtime (a stat, not a read: cheap on any release size, see
+    benchmarks/fingerprint_cost.py); paths count relative to `root`, so a moved release resumes.
+    """
     digest = hashlib.sha256()
     digest.update(dumps_sorted(pipeline.raw).encode())
     # the whole vocabulary: its mentions and triggers shape text-mined labels and texts
     digest.update(dumps_sorted(vocab.raw).encode())
     digest.update(dumps_sorted(options.fingerprint_options()).encode())
     digest.update(dumps_sorted(library_versions()).encode())
-    for path in inputs:
+    for path in scan.inputs:
         digest.update(f"{path.name}:{file_sha256(path)}\n".encode())
+    stamps = _FileStamps(root)
+    for archive in scan.archives:
+        digest.update(f"{stamps.relative(str(archive))}:{stamps.of(str(archive))}\n".encode())
     for item in items:
-        digest.update(f"{item.id}\t{item.split}\t{item.image.describe()}\n".encode())
+        where = stamps.relative(item.image.describe())
+        digest.update(
+            f"{item.id}\t{item.split}\t{where}\t{stamps.of(_image_file(item))}\n".encode()
+        )
     return digest.hexdigest()
+
+
+def _image_file(item: RawItem) -> str:
+    """The file that holds an item's image bytes (a source may keep it in `location.path`)."""
+    location = getattr(item.location, "path", None)
+    return str(location if location is not None else item.image.path)
+
+
+class _FileStamps:
+    """Size and mtime of files, each stat'ed once, and paths relative to the release root."""
+
+    def __init__(self, root: Path):
+        self.root = os.path.abspath(root) + os.sep
+        self._seen: dict[str, str] = {}
+
+    def of(self, path: str) -> str:
+        if path not in self._seen:
+            try:
+                stat = os.stat(path)
+                self._seen[path] = f"{stat.st_size}:{stat.st_mtime_ns}"
+            except OSError:  # missing, or a pattern (archive members): the stage quarantines it
+                self._seen[path] = "-"
+        return self._seen[path]
+
+    def relative(self, path: str) -> str:
+        absolute = os.path.abspath(path)
+        return absolute[len(self.root) :] if absolute.startswith(self.root) else path
 
 
 class OutputDir:
@@ -212,7 +263,15 @@ class OutputDir:
 
 
 def build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> BuildSummary:
-    """Build the dataset of `pipeline` from the raw release at `root` into `out`."""
+    """Build the dataset of `pipeline` from the raw release at `root` into `out`.
+
+    The whole build holds `out`'s lock: a second command writing or reading `out` is refused.
+    """
+    with folder_lock(out):
+        return _build(pipeline, root, out, options)
+
+
+def _build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> BuildSummary:
     started = time.time()
     vocab = load_vocabulary(pipeline.domain)
     source = make_source(pipeline, root, vocab, dict(options.source_options))
@@ -221,7 +280,7 @@ def build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> B
     if options.limit is not None:
         items = items[: options.limit]
     plans = plan_shards(items, options.rows_per_shard)
-    fingerprint = _fingerprint(pipeline, vocab, options, scan.inputs, items)
+    fingerprint = _fingerprint(pipeline, vocab, options, scan, items, root)
 
     output = OutputDir(out)
     finished = output.prepare(fingerprint, options.resume, options.overwrite)
@@ -240,17 +299,20 @@ def build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> B
     write_json(output.manifest, manifest)
 
     mgll_block = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": schema_version(),
         "domain": vocab.domain,
         "vocab_version": vocab.version,
         "label_names": vocab.names,
         "annotated_labels": source.annotated_labels(),
     }
+    if source.OPTIONAL_COLUMNS:  # absent otherwise: builds without them keep their bytes
+        mgll_block[OPTIONAL_COLUMNS_KEY] = list(source.OPTIONAL_COLUMNS)
     todo = [(plan, chunk) for plan, chunk in plans if plan.name not in finished]
     early = scan.quarantine + duplicates
-    run = _ShardRun(output, record_schema(len(vocab)).arrow_schema(mgll_block), options, pipeline)
+    run = _ShardRun(output, schema_of_block(mgll_block).arrow_schema(mgll_block), options, pipeline)
     tasks = source.tasks(_planned(todo), scan.archives)
-    stats = run.write(tasks, todo, early, finished, _context(pipeline, vocab, options))
+    ctx = _context(pipeline, vocab, options, root, tuple(source.OPTIONAL_COLUMNS))
+    stats = run.write(tasks, todo, early, finished, ctx)
 
     all_stats = [stats[plan.name] for plan, _ in plans]
     entries = [q.to_json() for q in early] + [q for s in all_stats for q in s.quarantine]
@@ -284,7 +346,13 @@ def build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> B
     )
 
 
-def _context(pipeline: Pipeline, vocab: Vocabulary, options: BuildOptions) -> BuildContext:
+def _context(
+    pipeline: Pipeline,
+    vocab: Vocabulary,
+    options: BuildOptions,
+    root: Path,
+    optional_columns: tuple[str, ...] = (),
+) -> BuildContext:
     """What the per-item stages need: the domain, the image policy and the text templates."""
     image = pipeline.image
     crop = image.crop_borders if options.crop_borders is None else options.crop_borders
@@ -295,9 +363,12 @@ def _context(pipeline: Pipeline, vocab: Vocabulary, options: BuildOptions) -> Bu
             format=options.image_format,
             color=image.color,
             crop_borders=bool(crop),
+            max_pixels=options.max_image_pixels,
         ),
-        texts=pipeline.section("texts"),
+        release_root=str(root),
+        texts=pipeline.texts.templates(),
         image=image,
+        optional_columns=optional_columns,
     )
 
 
@@ -340,7 +411,7 @@ class _ShardRun:
             disable=None if progress is None else not progress,
         )
         try:
-            for outcome in run_tasks(tasks, ctx, self.options.workers):
+            for outcome in execute(tasks, ctx, self.options.executor_spec()):
                 writer = writers.pop(outcome.position)
                 writer.add(outcome.position[1], outcome.record)
                 if outcome.quarantine is not None:

@@ -1,6 +1,8 @@
 """Executors: run the per-item stages over a stream of tasks, yielding outcomes in task order.
 
-Both keep a bounded window of work in flight, so memory stays flat however large the build.
+`execute` picks one from `ExecutorSpec.kind`: the local process pool below, or Ray
+(`ray_executor.py`). Both keep a bounded window of work in flight, so memory stays flat however
+large the build, and neither changes an output byte: the writer places outcomes by position.
 """
 
 from __future__ import annotations
@@ -10,10 +12,32 @@ import multiprocessing
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 
 from .stages import BuildContext, Outcome, Task, run_task
 
+EXECUTORS = ("local", "ray")
+
 _worker_context: BuildContext | None = None
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """Where the stages run. None of this enters the build fingerprint: it changes no byte."""
+
+    kind: str = "local"  # one of EXECUTORS
+    workers: int = 1  # local: processes; ray: CPUs of the instance it starts
+    ray_address: str | None = None  # ray: a cluster to join (None: RAY_ADDRESS, else start one)
+    rows_per_shard: int = 1000  # ray: the tasks of one shard travel as one Ray task
+
+
+def execute(tasks: Iterable[Task], ctx: BuildContext, spec: ExecutorSpec) -> Iterator[Outcome]:
+    """Run `tasks` on the executor `spec` names, yielding outcomes in task order."""
+    if spec.kind == "ray":
+        from .ray_executor import run_on_ray
+
+        return run_on_ray(tasks, ctx, spec)
+    return run_tasks(tasks, ctx, spec.workers)
 
 
 def _init_worker(ctx: BuildContext) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..imaging.masks import MaskSpec
+
 
 @dataclass(frozen=True)
 class ImageRef:
@@ -47,6 +49,7 @@ class RawItem:
     sections: dict[str, str] = field(default_factory=dict)
     boxes: list[dict[str, Any]] = field(default_factory=list)
     box_frame: tuple[int, int] | None = None  # (width, height) boxes refer to; None: the image's
+    mask: MaskSpec | None = None  # segmentation regions, for sources that fill the mask column
     extra: dict[str, Any] = field(default_factory=dict)
     # Where a source that supplies its own image bytes (MIDRC's nested zips) finds this item's
     # image; it travels with the item, so a de-duplicated item always keeps its own file.

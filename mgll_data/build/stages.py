@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import ItemError
 from ..imaging.dicom import process_dicom
+from ..imaging.files import open_release_file
+from ..imaging.masks import render_mask
 from ..imaging.raster import EncodedImage, ImagePolicy, process_image
+from ..record import MASK_COLUMN
 from ..schema import dumps_sorted, record_schema, validate_row
 from ..text.templates import describe_labels, explain_labels, format_category, positive_names
 from ..vocab import Vocabulary, load_vocabulary
@@ -29,6 +32,10 @@ class BuildContext:
     image_policy: ImagePolicy
     texts: dict[str, Any] = field(default_factory=dict)
     image: ImageConfig = field(default_factory=ImageConfig)  # the pipeline's `image` block
+    # The release folder: image files that resolve outside it are refused (None: not checked).
+    release_root: str | None = None
+    # The optional record columns this build has (schemas/record.yaml), e.g. ("mask",).
+    optional_columns: tuple[str, ...] = ()
 
     @property
     def vocab(self) -> Vocabulary:
@@ -101,11 +108,22 @@ def _first_section(sections: dict[str, str], config: dict[str, Any]) -> tuple[st
 def load_image(task: Task, ctx: BuildContext) -> tuple[EncodedImage, dict[str, Any]]:
     """The image stage: DICOM through the DICOM stage, anything else through the raster one.
 
-    Returns the encoded image and, for DICOM, the whitelisted header fields.
+    Returns the encoded image and, for DICOM, the whitelisted header fields. An image file is
+    opened here for every source (`imaging/files.py`): a FIFO, socket, device, folder or a
+    symlink out of the release is quarantined with its reason, never read.
     """
     ref = task.item.image
-    source = task.image_bytes if task.image_bytes is not None else ref.path
-    if ref.is_dicom:
+    if task.image_bytes is not None:
+        return _decode(task.image_bytes, ref.is_dicom, ctx)
+    what = "DICOM file" if ref.is_dicom else "image file"
+    with open_release_file(ref.path, ctx.release_root, what=what) as file:
+        return _decode(file, ref.is_dicom, ctx)
+
+
+def _decode(
+    source: bytes | BinaryIO, is_dicom: bool, ctx: BuildContext
+) -> tuple[EncodedImage, dict[str, Any]]:
+    if is_dicom:
         return process_dicom(
             source,
             ctx.image_policy,
@@ -131,6 +149,17 @@ def rescale_boxes(
         }
         for box in boxes
     ]
+
+
+def mask_column(item: RawItem, image: EncodedImage, ctx: BuildContext) -> dict[str, Any] | None:
+    """The item's mask at the stored image's size (None when its source gave none)."""
+    if item.mask is None:
+        return None
+    if ctx.image_policy.crop_borders:  # the crop box is not known here: the mask could not follow
+        raise ItemError("mask", "a segmentation mask cannot follow --crop-borders")
+    source_size = (image.orig_width, image.orig_height)
+    data = render_mask(item.mask, source_size, (image.width, image.height))
+    return {"bytes": data, "path": f"{item.id}.{MASK_COLUMN}.png"}
 
 
 def build_record(task: Task, ctx: BuildContext) -> dict[str, Any]:
@@ -174,7 +203,10 @@ def build_record(task: Task, ctx: BuildContext) -> dict[str, Any]:
         "sex": item.sex,
         "extra": dumps_sorted(extra),
     }
-    problems = validate_row(record, record_schema(len(vocab)), vocab.names)
+    if MASK_COLUMN in ctx.optional_columns:
+        record[MASK_COLUMN] = mask_column(item, image, ctx)
+    schema = record_schema(len(vocab), ctx.optional_columns)
+    problems = validate_row(record, schema, vocab.names)
     if problems:
         raise ItemError("record", "; ".join(problems))
     return record

@@ -278,6 +278,7 @@ def build_learnable(out: Path, n: int, seed: int, options: Any) -> Any:
     from .pipelines import learnable_pipeline
 
     root = out / "_raw"
-    shutil.rmtree(root, ignore_errors=True)
-    write_learnable_release(root, n=n, seed=seed, progress=options.progress)
+    if not (options.resume and root.is_dir()):  # --resume reads the release it began with
+        shutil.rmtree(root, ignore_errors=True)
+        write_learnable_release(root, n=n, seed=seed, progress=options.progress)
     return build(learnable_pipeline(n, seed), root, out, options)

@@ -137,8 +137,9 @@ def build_demo(out: Path, n: int, seed: int, options: Any) -> Any:
     from .pipelines import demo_pipeline
 
     root = out / "_raw"
-    shutil.rmtree(root, ignore_errors=True)
-    write_demo_release(root, n=n, seed=seed, progress=options.progress)
+    if not (options.resume and root.is_dir()):  # --resume reads the release it began with
+        shutil.rmtree(root, ignore_errors=True)
+        write_demo_release(root, n=n, seed=seed, progress=options.progress)
     return build(demo_pipeline(n, seed), root, out, options)
 
 

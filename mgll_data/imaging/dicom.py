@@ -29,7 +29,7 @@ import io
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
@@ -41,7 +41,13 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..errors import ItemError
-from .raster import EncodedImage, ImagePolicy, normalise_mode, resize_and_encode
+from .raster import (
+    EncodedImage,
+    ImagePolicy,
+    check_pixels,
+    normalise_mode,
+    resize_and_encode,
+)
 
 # Header fields copied into `extra`. Nothing identifying: no names, IDs, accession numbers,
 # dates/times, UIDs, institutions, ages or free-text comments. Study/Series descriptions are
@@ -90,10 +96,18 @@ _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL
 # tails. (MIMIC-CXR-JPG used min-max plus histogram equalisation.)
 _PERCENTILES = (0.5, 99.5)
 _PERCENTILE_SAMPLE = 512  # estimate percentiles on a strided grid of about this many rows
+# Room for everything but pixels (header, overlays, icons, private data) in a file's size bound.
+_NON_PIXEL_BYTES = 64 * 2**20
+
+
+def byte_limit(max_pixels: int) -> int:
+    """The most bytes a DICOM (after gunzip) within `max_pixels` can need: 4 bytes a sample
+    (32-bit or float data; 16-bit and RGB need less) plus room for the rest of the file."""
+    return 4 * max_pixels + _NON_PIXEL_BYTES
 
 
 def process_dicom(
-    source: str | Path | bytes,
+    source: str | Path | bytes | BinaryIO,
     policy: ImagePolicy,
     *,
     skip_for_processing: bool = True,
@@ -104,11 +118,13 @@ def process_dicom(
     `voi` picks the VOI step: "auto" (VOI LUT, else window, else percentiles), "window"
     (prefer the window over a VOI LUT), or "percentile" (ignore the header's VOI). Returns the
     encoded image and the whitelisted header fields plus a `conversion` entry saying which
-    branches ran.
+    branches ran. Rows x Columns x frames is checked against `policy.max_pixels` before any
+    pixel is decoded.
     """
     if voi not in ("auto", "window", "percentile"):
         raise ValueError(f"voi must be auto, window or percentile, not {voi!r}")
-    ds = read_dataset(source)
+    ds = read_dataset(source, max_bytes=byte_limit(policy.max_pixels))
+    check_dataset_pixels(ds, policy.max_pixels)
     fields = dicom_fields(ds)
     if skip_for_processing and is_for_processing(ds):
         raise ItemError("image", "DICOM is For Processing (raw detector data), skipped")
@@ -124,19 +140,48 @@ def process_dicom(
     return encoded, fields
 
 
-def read_dataset(source: str | Path | bytes) -> Dataset:
-    """Read a DICOM dataset from a path or bytes (gzip transparently); ItemError if unreadable."""
+def check_dataset_pixels(ds: Dataset, limit: int) -> None:
+    """Refuse a dataset whose Rows x Columns x NumberOfFrames exceeds `limit` (ItemError).
+
+    Unreadable dimensions are left to the decoder, which says what is wrong with them.
+    """
     try:
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        return
+    check_pixels(columns, rows, limit, frames)
+
+
+def read_dataset(source: str | Path | bytes | BinaryIO, max_bytes: int | None = None) -> Dataset:
+    """Read a DICOM dataset from a path, bytes or a binary file (gzip transparently);
+    ItemError if unreadable, or if it (gunzipped) holds more than `max_bytes`."""
+    limit = -1 if max_bytes is None else max_bytes + 1
+    try:
+        if isinstance(source, bytes):
+            data = source
+        elif hasattr(source, "read"):
+            data = source.read(limit)
+        else:
+            with open(source, "rb") as f:
+                data = f.read(limit)
     except FileNotFoundError as err:
         raise ItemError("image", f"missing DICOM file: {source}") from err
     except OSError as err:
         raise ItemError("image", f"cannot read DICOM file ({_one_line(err)})") from err
     if data[:2] == _GZIP_MAGIC:
         try:
-            data = gzip.decompress(data)
+            # Read through GzipFile so that a gzip bomb stops at the limit, not at the memory's.
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as unzipped:
+                data = unzipped.read(limit)
         except (OSError, EOFError, zlib.error) as err:
             raise ItemError("image", f"corrupt or truncated gzip ({_one_line(err)})") from err
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ItemError(
+            "image",
+            f"DICOM holds over {max_bytes / 1e6:.0f} MB, more than an image within the pixel "
+            "limit needs (--max-image-pixels)",
+        )
     try:
         try:
             ds = pydicom.dcmread(io.BytesIO(data))

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import io
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -19,6 +22,11 @@ from .png import encode_png
 
 # Modes whose samples do not fit in 8 bits; they are rescaled explicitly (Pillow's convert clips).
 _WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+# Images with more pixels are refused from their header, before any decoding. The largest real
+# radiographs are about 15 MP (4280 x 3520 detectors); 50 MP leaves room for any of them, while a
+# 16-bit image at the limit still decodes in about 100 MB.
+DEFAULT_MAX_PIXELS = 50_000_000
+_RESCALE_ROWS = 256  # wide images are rescaled this many rows at a time: bounded float memory
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,7 @@ class ImagePolicy:
     format: str = "png"  # "png" or "jpeg"
     jpeg_quality: int = 95
     crop_borders: bool = False  # crop the black background around a fundus disc
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are quarantined (--max-image-pixels)
 
     @property
     def extension(self) -> str:
@@ -58,12 +67,16 @@ def target_size(width: int, height: int, longest: int) -> tuple[int, int]:
 
 def rescale_to_8bit(image: Image.Image) -> Image.Image:
     """Map a 16-bit, 32-bit or float image linearly onto 0..255 using its own value range."""
-    pixels = np.asarray(image, dtype=np.float64)
+    pixels = np.asarray(image)
     low, high = float(pixels.min()), float(pixels.max())
     if high <= low:
         return Image.new("L", image.size, 0)
-    scaled = np.rint((pixels - low) * (255.0 / (high - low)))
-    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+    out = np.empty(pixels.shape, np.uint8)
+    # Row blocks: the same arithmetic per pixel, without a float64 copy of the whole image.
+    for top in range(0, pixels.shape[0], _RESCALE_ROWS):
+        block = pixels[top : top + _RESCALE_ROWS].astype(np.float64)
+        out[top : top + _RESCALE_ROWS] = np.rint((block - low) * (255.0 / (high - low)))
+    return Image.fromarray(out, mode="L")
 
 
 def normalise_mode(image: Image.Image, color: str) -> Image.Image:
@@ -75,22 +88,59 @@ def normalise_mode(image: Image.Image, color: str) -> Image.Image:
     return image if image.mode == target else image.convert(target)
 
 
-def open_image(source: str | Path | bytes) -> Image.Image:
-    """Open an image from a path or from bytes; missing or unreadable input raises ItemError."""
+def megapixels(pixels: int) -> str:
+    """A pixel count in megapixels for messages: 900000000 -> "900", 15065600 -> "15.1",
+    384 -> "0.00038"."""
+    value = pixels / 1e6
+    return f"{round(value, 1):g}" if value >= 1 else f"{value:.2g}"
+
+
+def check_pixels(width: int, height: int, limit: int, frames: int = 1) -> None:
+    """Refuse an image of more than `limit` pixels (all frames) with an ItemError naming both."""
+    pixels = width * height * max(1, frames)
+    if pixels > limit:
+        shape = f"{width}x{height}" + (f" x {frames} frames" if frames > 1 else "")
+        raise ItemError(
+            "image",
+            f"image is {shape} = {megapixels(pixels)} MP, over the {megapixels(limit)} MP "
+            "limit (--max-image-pixels)",
+        )
+
+
+@contextmanager
+def _own_pixel_limit() -> Iterator[None]:
+    """Pillow's decompression-bomb check off while opening: it raises before the size is known,
+    and `check_pixels` right after the open (header only) applies the build's own limit."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        if isinstance(source, bytes):
-            return Image.open(io.BytesIO(source))
-        return Image.open(source)
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def open_image(source: str | Path | bytes | BinaryIO) -> Image.Image:
+    """Open an image (header only) from a path, bytes or a binary file; missing or unreadable
+    input raises ItemError."""
+    try:
+        with _own_pixel_limit():
+            if isinstance(source, bytes):
+                return Image.open(io.BytesIO(source))
+            return Image.open(source)
     except FileNotFoundError as err:
         raise ItemError("image", f"missing image file: {source}") from err
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ItemError("image", f"not a readable image ({err})") from err
 
 
-def process_image(source: str | Path | bytes, policy: ImagePolicy) -> EncodedImage:
-    """Decode, normalise, resize and encode one image according to `policy`."""
+def process_image(source: str | Path | bytes | BinaryIO, policy: ImagePolicy) -> EncodedImage:
+    """Decode, normalise, resize and encode one image according to `policy`.
+
+    The size is checked against `policy.max_pixels` from the header, before decoding.
+    """
     image = open_image(source)
     with image:
+        check_pixels(image.width, image.height, policy.max_pixels)
         orig_width, orig_height = image.size
         size = target_size(orig_width, orig_height, policy.image_size)
         if policy.crop_borders:
@@ -104,6 +154,8 @@ def process_image(source: str | Path | bytes, policy: ImagePolicy) -> EncodedIma
             image.load()
         except (OSError, SyntaxError, ValueError, zlib.error) as err:
             raise ItemError("image", f"corrupt or truncated image ({err})") from err
+        except Image.DecompressionBombError as err:  # a frame or tile larger than the header
+            raise ItemError("image", f"decompression bomb ({err})") from err
         pixels = normalise_mode(image, policy.color)
     if policy.crop_borders:
         pixels = crop_black_borders(pixels)

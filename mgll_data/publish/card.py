@@ -8,15 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ..build.pipeline import Pipeline
 from ..build.writer import ShardPlan, ShardStats
 from ..record import SPLITS
-from ..schema import RecordSchema, record_schema
+from ..schema import RecordSchema, schema_of_block
 from ..vocab import Vocabulary
+
+if TYPE_CHECKING:
+    from .figures import Summary
 
 # Licence ids the Hugging Face Hub knows; anything else is published as `other` with a name.
 _HUB_LICENSES = {
@@ -46,7 +49,7 @@ def card_header(
     stats: Sequence[ShardStats],
 ) -> dict[str, Any]:
     """The card's YAML header: licence, tags, explicit data files, features, splits, `mgll`."""
-    schema = record_schema(len(mgll_block["label_names"]))
+    schema = schema_of_block(mgll_block)
     licence = pipeline.license
     header: dict[str, Any] = {"pretty_name": pipeline.raw.get("pretty_name", pipeline.name)}
     licence_id = str(licence.get("id", "other")).lower()
@@ -91,20 +94,34 @@ def card_header(
     return header
 
 
+def prevalence_table(
+    label_names: Sequence[str], counts: dict[str, tuple[Sequence[int], Sequence[int]]]
+) -> list[str]:
+    """Markdown rows of positives / annotated rows (and their share) per label and split;
+    `counts` maps each split, in column order, to (positives per label, annotated per label).
+    A label no row of a split annotates reads "not annotated", never 0 %."""
+    lines = ["| label | " + " | ".join(counts) + " |", "|---|" + "---|" * len(counts)]
+    for k, name in enumerate(label_names):
+        cells = []
+        for positives, annotated in counts.values():
+            p, a = positives[k], annotated[k]
+            cells.append(f"{p} / {a} ({p / a:.1%})" if a else "not annotated")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _prevalence_table(
     vocab: Vocabulary, plans: Sequence[ShardPlan], stats: Sequence[ShardStats]
 ) -> list[str]:
-    splits = [s for s in SPLITS if any(p.split == s for p in plans)]
-    lines = ["| label | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
-    for k, name in enumerate(vocab.names):
-        cells = []
-        for split in splits:
-            chosen = [st for p, st in zip(plans, stats, strict=True) if p.split == split]
-            annotated = sum(st.label_annotated[k] for st in chosen)
-            positive = sum(st.label_positive[k] for st in chosen)
-            cells.append(f"{positive} / {annotated}" if annotated else "not annotated")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+    """The prevalence table of a build, from the statistics its shard writers kept."""
+    counts = {}
+    for split in (s for s in SPLITS if any(p.split == s for p in plans)):
+        chosen = [st for p, st in zip(plans, stats, strict=True) if p.split == split]
+        counts[split] = (
+            [sum(col) for col in zip(*(st.label_positive for st in chosen), strict=True)],
+            [sum(col) for col in zip(*(st.label_annotated for st in chosen), strict=True)],
+        )
+    return prevalence_table(vocab.names, counts)
 
 
 def render_card(
@@ -117,8 +134,8 @@ def render_card(
 ) -> str:
     """The whole card as text; `extra` lines (sections from the shards) go before Columns."""
     header = card_header(pipeline, mgll_block, plans, stats)
-    schema = record_schema(len(vocab))
-    kind = pipeline.section("texts").get("kind", "labels")
+    schema = schema_of_block(mgll_block)
+    kind = pipeline.texts.kind
     rows = {s["name"]: s["num_examples"] for s in header["dataset_info"]["splits"]}
     notice = _card_settings(pipeline).get("notice")
     body = [
@@ -292,11 +309,17 @@ def card_only_text(text: str) -> str:
 
 def shard_sections(out: Path, label_names: list[str]) -> list[str]:
     """Sections computed from the shards: figures, text lengths, example rows."""
-    from .figures import CONTEXT, summarise, text_length_table, write_figures
+    from .figures import summarise
 
     if not any((out / "data").rglob("*.parquet")):
         return []
-    summary = summarise(out, label_names)
+    return summary_sections(out, summarise(out, label_names))
+
+
+def summary_sections(out: Path, summary: Summary) -> list[str]:
+    """The figures (drawn into `out/figures/`), text lengths and example rows of `summary`."""
+    from .figures import CONTEXT, text_length_table, write_figures
+
     lines: list[str] = []
     figures = write_figures(out, summary)
     if figures:
@@ -312,7 +335,7 @@ def shard_sections(out: Path, label_names: list[str]) -> list[str]:
         "## Text lengths",
         "",
         f"Per granularity; tokens approximate open_clip's CLIP tokenizer (context {CONTEXT}, "
-        "start and end tokens included; see `mgll_data/figures.py`).",
+        "start and end tokens included; see `mgll_data/publish/figures.py`).",
         "",
         *text_length_table(summary),
         "",

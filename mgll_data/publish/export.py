@@ -31,9 +31,12 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from ..build.lock import LOCK_NAME, folder_lock
 from ..errors import UserError
 from ..record import SPLITS
-from .inspect import read_card_header
+from ..safe_names import safe_path_component
+from .hub import read_manifest
+from .inspect import read_card_header, verify_shards
 
 FORMATS = ("webdataset", "mgll-json")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
@@ -79,7 +82,8 @@ def sample_json(row: dict[str, Any], names: list[str]) -> dict[str, Any]:
 
 def _image_ext(row: dict[str, Any]) -> str:
     ext = Path(str(row["image"].get("path") or "")).suffix.lower().lstrip(".")
-    return {"jpeg": "jpg"}.get(ext, ext or "png")
+    ext = {"jpeg": "jpg"}.get(ext, ext or "png")
+    return safe_path_component(ext, f"row {row['id']!r}: image file extension")
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -93,11 +97,56 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _prepare(dest: Path, overwrite: bool) -> None:
-    if dest.exists() and any(dest.iterdir()):
-        if not overwrite:
-            raise UserError(f"{dest}: exists and is not empty; use --overwrite to replace it")
-        shutil.rmtree(dest)
+    """Refuse a non-empty `dest` unless `overwrite`; then empty it (keeping its lock file)."""
     dest.mkdir(parents=True, exist_ok=True)
+    children = [c for c in dest.iterdir() if c.name != LOCK_NAME]
+    if children and not overwrite:
+        raise UserError(f"{dest}: exists and is not empty; use --overwrite to replace it")
+    for child in children:
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _export_name(row_id: str, fmt: str, shard: Path) -> str:
+    """A row's file name in the export: its webdataset key, or mgll-json's `<source>/<stem>`."""
+    what = f"{shard}: row {row_id!r}:"
+    if fmt == "webdataset":
+        return safe_path_component(sample_key(row_id), f"{what} sample key")
+    source, colon, native = row_id.partition(":")
+    if not colon:
+        raise UserError(f"{what} the id is not '<source>:<native id>'")
+    source = safe_path_component(source, f"{what} source")
+    return f"{source}/{safe_path_component(_npz_stem(native), f'{what} file name')}"
+
+
+def _npz_stem(native: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", native)
+
+
+def export_names(out: Path, splits: list[str], fmt: str) -> dict[str, str]:
+    """Each row id's file name in the export, all checked before anything is written.
+
+    A name that is not a safe file name, or one that two rows would share (webdataset keys
+    within a split, mgll-json files anywhere), refuses the export naming the shard and the id.
+    """
+    names: dict[str, str] = {}
+    owners: dict[tuple[str, str], str] = {}
+    for path in shard_files(out):
+        split = path.name.split("-", 1)[0]
+        if split not in splits:
+            continue
+        for row_id in pq.read_table(path, columns=["id"])["id"].to_pylist():
+            name = _export_name(row_id, fmt, path)
+            scope = (split if fmt == "webdataset" else "", name)
+            if scope in owners:
+                raise UserError(
+                    f"{path}: row {row_id!r}: its file name {name!r} is also that of row "
+                    f"{owners[scope]!r}"
+                )
+            owners[scope] = names[row_id] = name
+    return names
 
 
 def export(
@@ -109,40 +158,53 @@ def export(
     list_name: str = "2level_multi_disease_list",
     overwrite: bool = False,
 ) -> list[str]:
-    """Export the dataset at `out` into `dest`; return summary lines."""
+    """Export the dataset at `out` into `dest`; return summary lines.
+
+    Holds `out`'s lock as a reader and `dest`'s as a writer; a dataset with a manifest is
+    exported only if its shards match it.
+    """
     out, dest = Path(out), Path(dest)
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; one of {list(FORMATS)}")
     if split is not None and split not in SPLITS:
         raise UserError(f"unknown split {split!r}; one of {list(SPLITS)}")
-    names = read_card_header(out)["mgll"]["label_names"]
-    present = {p.name.split("-", 1)[0] for p in shard_files(out)}
-    splits = [s for s in SPLITS if s in present and (split is None or s == split)]
-    if not splits:
-        raise UserError(f"{out}: no shards of split {split!r}")
-    _prepare(dest, overwrite)
-    if fmt == "webdataset":
-        return _webdataset(out, dest, splits, names, samples_per_tar)
-    return _mgll_json(out, dest, splits, names, list_name)
+    safe_path_component(list_name, "--list-name")
+    if dest.resolve() in {out.resolve(), *out.resolve().parents}:  # --overwrite would empty it
+        raise UserError(f"{dest}: the export folder may not hold the dataset {out}")
+    with folder_lock(out, shared=True), folder_lock(dest):
+        labels = read_card_header(out)["mgll"]["label_names"]
+        if (out / "_build" / "manifest.json").is_file():
+            verify_shards(out, read_manifest(out))
+        present = {p.name.split("-", 1)[0] for p in shard_files(out)}
+        splits = [s for s in SPLITS if s in present and (split is None or s == split)]
+        if not splits:
+            raise UserError(f"{out}: no shards of split {split!r}")
+        names = export_names(out, splits, fmt)
+        _prepare(dest, overwrite)
+        if fmt == "webdataset":
+            return _webdataset(out, dest, splits, labels, names, samples_per_tar)
+        return _mgll_json(out, dest, splits, labels, names, list_name)
 
 
 def _webdataset(
-    out: Path, dest: Path, splits: list[str], names: list[str], per_tar: int
+    out: Path,
+    dest: Path,
+    splits: list[str],
+    labels: list[str],
+    names: dict[str, str],
+    per_tar: int,
 ) -> list[str]:
     lines = []
     for split in splits:
-        tars, count, tar, seen = 0, 0, None, set()
+        tars, count, tar = 0, 0, None
         for row in iter_rows(out, split):
             if count % per_tar == 0:
                 if tar is not None:
                     tar.close()
                 tar = tarfile.open(dest / f"{split}-{tars:06d}.tar", "w", format=tarfile.PAX_FORMAT)
                 tars += 1
-            key = sample_key(row["id"])
-            if key in seen:
-                raise UserError(f"{row['id']}: its key {key!r} collides with another id's")
-            seen.add(key)
-            meta = json.dumps(sample_json(row, names), sort_keys=True, ensure_ascii=False)
+            key = names[row["id"]]
+            meta = json.dumps(sample_json(row, labels), sort_keys=True, ensure_ascii=False)
             members = {
                 "json": meta.encode(),
                 _image_ext(row): row["image"]["bytes"],
@@ -173,7 +235,12 @@ _LIST_SUFFIX = {"train": "train", "validation": "val", "test": "test"}
 
 
 def _mgll_json(
-    out: Path, dest: Path, splits: list[str], names: list[str], list_name: str
+    out: Path,
+    dest: Path,
+    splits: list[str],
+    labels: list[str],
+    names: dict[str, str],
+    list_name: str,
 ) -> list[str]:
     from PIL import Image
 
@@ -182,8 +249,7 @@ def _mgll_json(
     for split in splits:
         records = []
         for row in iter_rows(out, split):
-            source, native = row["id"].split(":", 1)
-            stem = re.sub(r"[^A-Za-z0-9_.-]", "_", native)
+            source, stem = names[row["id"]].split("/")
             npz = dest / "All_data_npz" / source / f"{stem}.npz"
             npz.parent.mkdir(parents=True, exist_ok=True)
             with Image.open(io.BytesIO(row["image"]["bytes"])) as image:
@@ -195,7 +261,7 @@ def _mgll_json(
                     "Keyword": row["text_category"],
                     "Description": row["text_description"],
                     "Explanation": row["text_explanation"],
-                    "labels": _label_dict(names, row["labels"]),
+                    "labels": _label_dict(labels, row["labels"]),
                     "id": row["id"],
                     "split": split,
                 }

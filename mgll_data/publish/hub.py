@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..build.lock import folder_lock
 from ..build.writer import file_sha256
 from ..errors import UserError
+from .inspect import verify_shards
 
 # Folders of a built dataset that are published; everything else (notably `_build/`) is not.
 PUBLISHED = ("data", "figures")
@@ -129,10 +131,25 @@ def push(
     card_only: bool = False,
     log: Callable[[str], None] = print,
 ) -> PushResult:
-    """Push the dataset at `out` to the dataset repo `repo_id` (see the module doc)."""
+    """Push the dataset at `out` to the dataset repo `repo_id` (see the module doc).
+
+    Holds `out`'s lock as a reader, and pushes only shards that match the manifest.
+    """
     out = Path(out)
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise UserError(f"--repo-id must look like ORG/NAME, got {repo_id!r}")
+    with folder_lock(out, shared=True):
+        return _checked_push(out, repo_id, private, token, card_only, log)
+
+
+def _checked_push(
+    out: Path,
+    repo_id: str,
+    private: bool,
+    token: str | None,
+    card_only: bool,
+    log: Callable[[str], None],
+) -> PushResult:
     manifest = read_manifest(out)
     for note in check_licence(manifest, card_only, out):
         log(f"note: {note}")
@@ -146,16 +163,9 @@ def push(
         sha = {"README.md": hashlib.sha256(contents["README.md"]).hexdigest()}
     else:
         files = local_files(out, manifest)
-        expected = {s["path"]: s["sha256"] for s in manifest.get("shards", [])}
-        contents, sha = {}, {}
-        for path, local in files.items():
-            sha[path] = file_sha256(local)
-            if path in expected and sha[path] != expected[path]:
-                raise UserError(
-                    f"{local}: sha256 differs from the manifest (changed since the build?); "
-                    "rebuild it or run `mgll-build-dataset validate`"
-                )
-            contents[path] = local
+        verified = verify_shards(out, manifest)
+        contents = dict(files)
+        sha = {path: verified.get(path) or file_sha256(local) for path, local in files.items()}
 
     from huggingface_hub.utils import logging as hub_logging
 

@@ -15,7 +15,8 @@ import yaml
 from ..build.writer import ROW_GROUP_SIZE, file_sha256
 from ..errors import UserError
 from ..record import SPLITS, read_mgll_metadata
-from ..schema import record_schema, validate_row
+from ..safe_names import safe_relative_path
+from ..schema import schema_of_block, validate_row
 
 
 def read_card_header(out: Path) -> dict[str, Any]:
@@ -39,6 +40,35 @@ def data_files(out: Path) -> list[Path]:
     if not files:
         raise UserError(f"{out}: no data/*.parquet shards")
     return files
+
+
+def verify_shards(out: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """Check `out`'s shards against its manifest before trusting them; return path -> sha256.
+
+    Refuses, in one line naming the first such shard, a shard on disk that the manifest does
+    not list, one it lists that is missing, and one whose sha256 differs from the recorded one.
+    """
+    out = Path(out)
+    where = out / "_build" / "manifest.json"
+    listed = {
+        safe_relative_path(str(entry.get("path")), f"{where}: shard path"): entry.get("sha256")
+        for entry in manifest.get("shards", [])
+    }
+    for path in data_files(out):
+        if path.relative_to(out).as_posix() not in listed:
+            raise UserError(f"{path}: not in {where} (a stray file?)")
+    hashes = {}
+    for rel, expected in listed.items():
+        shard = out / rel
+        if not shard.is_file():
+            raise UserError(f"{shard}: listed in {where} but missing")
+        hashes[rel] = file_sha256(shard)
+        if hashes[rel] != expected:
+            raise UserError(
+                f"{shard}: sha256 differs from the manifest (changed since the build); "
+                "rebuild it, or see `mgll-build-dataset validate`"
+            )
+    return hashes
 
 
 def _shard_block_problem(shard: dict[str, Any], card: dict[str, Any]) -> str | None:
@@ -67,7 +97,7 @@ def validate_dataset(out: Path) -> list[str]:
     if not mgll:
         return [f"{out / 'README.md'}: no 'mgll' block in the YAML header"]
     label_names = mgll["label_names"]
-    schema = record_schema(len(label_names))
+    schema = schema_of_block(mgll)
     expected_schema = schema.arrow_schema(mgll)
     infos = header.get("dataset_info", {})
     for info in infos if isinstance(infos, list) else [infos]:  # a list: one per config

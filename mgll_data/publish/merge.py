@@ -1,7 +1,8 @@
 """`merge`: combine built datasets of one domain into one dataset folder.
 
-Inputs must agree on the `mgll` block's schema_version, domain, vocab_version and label_names
-(so K and the label order are the same and the shards concatenate). Shards are copied byte for
+Inputs must agree on the `mgll` block's schema_version (1 and 2 are compatible), domain,
+vocab_version, label_names and optional columns (so K and the label order are the same and the
+shards concatenate). Shards are copied byte for
 byte to `data/{source}/{shard}`, so each keeps its own Parquet `mgll` metadata (with that source's
 `annotated_labels`). The card gets one config per source plus a `default` config of all, and its
 `mgll` block holds the union of `annotated_labels` plus, under `sources`, each source's own
@@ -12,21 +13,24 @@ and every shard's sha256.
 from __future__ import annotations
 
 import copy
-import re
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import yaml
 
+from ..build.lock import LOCK_NAME, folder_lock
 from ..build.writer import file_sha256, write_json
 from ..errors import UserError
-from ..record import SPLITS, read_mgll_metadata
-from ..schema import record_schema
-from .card import _HUB_LICENSES, _TEXT_KINDS
+from ..record import COMPATIBLE_SCHEMA_VERSIONS, OPTIONAL_COLUMNS_KEY, SPLITS, read_mgll_metadata
+from ..safe_names import safe_path_component
+from ..schema import schema_of_block
+from .card import _HUB_LICENSES, _TEXT_KINDS, prevalence_table, summary_sections
+from .figures import Summary, summarise
 from .hub import read_manifest
-from .inspect import read_card_header
+from .inspect import read_card_header, verify_shards
 
 MUST_AGREE = ("schema_version", "domain", "vocab_version", "label_names")
 
@@ -35,9 +39,7 @@ def _source_of(path: Path, manifest: dict[str, Any]) -> str:
     if "merged_from" in manifest:
         raise UserError(f"{path}: is itself a merge; merge the original builds instead")
     name = str(manifest.get("pipeline") or "")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise UserError(f"{path}: manifest names no usable pipeline ({name!r})")
-    return name
+    return safe_path_component(name, f"{path}: the manifest's pipeline name")
 
 
 def _describe(value: Any) -> str:
@@ -51,7 +53,11 @@ def check_compatible(blocks: dict[Path, dict[str, Any]]) -> None:
     items = list(blocks.items())
     first_path, first = items[0]
     for path, block in items[1:]:
-        for key in MUST_AGREE:
+        for key in (*MUST_AGREE, OPTIONAL_COLUMNS_KEY):  # one schema: the same optional columns
+            if key == "schema_version":
+                versions = {block.get(key), first.get(key)}
+                if versions <= set(COMPATIBLE_SCHEMA_VERSIONS):
+                    continue  # v2 only added optional columns, compared just below
             if block.get(key) != first.get(key):
                 raise UserError(
                     f"cannot merge {first_path} and {path}: {key} differs "
@@ -60,7 +66,22 @@ def check_compatible(blocks: dict[Path, dict[str, Any]]) -> None:
 
 
 def merge(inputs: list[Path], out: Path, overwrite: bool = False) -> list[str]:
-    """Merge the datasets `inputs` into `out`; return summary lines."""
+    """Merge the datasets `inputs` into `out`; return summary lines.
+
+    Holds each input's lock as a reader and `out`'s as a writer for the whole merge.
+    """
+    inputs = [Path(p) for p in inputs]
+    out = Path(out)
+    if out.resolve() in {p.resolve() for p in inputs}:
+        raise UserError(f"{out}: the merge output may not be one of its inputs")
+    with ExitStack() as locks:
+        for path in inputs:
+            locks.enter_context(folder_lock(path, shared=True))
+        locks.enter_context(folder_lock(out))
+        return _merge(inputs, out, overwrite)
+
+
+def _merge(inputs: list[Path], out: Path, overwrite: bool) -> list[str]:
     inputs = [Path(p) for p in inputs]
     out = Path(out)
     if len(inputs) < 2:
@@ -81,7 +102,7 @@ def merge(inputs: list[Path], out: Path, overwrite: bool = False) -> list[str]:
         }
     _clear_output(out, overwrite)
     manifest_shards = _copy_shards(sources, out)
-    (out / "README.md").write_text(render_merged_card(sources), encoding="utf-8")
+    (out / "README.md").write_text(render_merged_card(sources, out), encoding="utf-8")
     write_json(
         out / "_build" / "manifest.json",
         {
@@ -130,10 +151,9 @@ def _verified_shards(
 ) -> list[dict[str, Any]]:
     """The build's shards, each checked against the manifest's hash and the card's block."""
     shards = []
+    verify_shards(path, manifest)
     for entry in manifest.get("shards", []):
         shard = path / entry["path"]
-        if not shard.is_file() or file_sha256(shard) != entry["sha256"]:
-            raise UserError(f"{shard}: missing or changed since the build (see `validate`)")
         try:
             meta = read_mgll_metadata(pq.read_schema(shard), str(shard))
         except ValueError as err:
@@ -148,7 +168,7 @@ def _verified_shards(
 
 def _clear_output(out: Path, overwrite: bool) -> None:
     """Refuse a non-empty `out` unless `overwrite`; then remove what a merge writes there."""
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(c.name != LOCK_NAME for c in out.iterdir()):
         if not overwrite:
             raise UserError(f"{out}: exists and is not empty; use --overwrite to replace it")
         for child in ("data", "_build", "figures", "README.md"):
@@ -210,10 +230,14 @@ def _info(name: str, shards: list[dict[str, Any]], features: list[Any]) -> dict[
     }
 
 
-def render_merged_card(sources: dict[str, dict[str, Any]]) -> str:
-    """The card of a merged dataset (deterministic: sources in name order)."""
+def render_merged_card(sources: dict[str, dict[str, Any]], out: Path) -> str:
+    """The card of the merged dataset in `out`, whose shards are in place (deterministic:
+    sources in name order). Its prevalence table, figures (drawn into `out/figures/`), text
+    lengths and example rows are a built card's, over all sources."""
     header = _merged_header(sources)
-    body = _merged_sources_table(sources, header["pretty_name"]) + _merged_labels(sources)
+    summary = summarise(out, header["mgll"]["label_names"])
+    body = _merged_sources_table(sources, header["pretty_name"])
+    body += _merged_labels(sources, summary) + summary_sections(out, summary)
     body += _merged_use_and_licences(sources)
     front = yaml.safe_dump(header, sort_keys=False, allow_unicode=True, width=100)
     return "---\n" + front + "---\n\n" + "\n".join(body)
@@ -228,6 +252,7 @@ def _merged_header(sources: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for name in names:
         annotated.update(sources[name]["mgll"]["annotated_labels"])
     mgll = {key: first[key] for key in MUST_AGREE}
+    mgll["schema_version"] = max(sources[n]["mgll"]["schema_version"] for n in names)
     mgll["annotated_labels"] = [n for n in label_names if n in annotated]
     mgll["sources"] = {
         n: {
@@ -236,7 +261,9 @@ def _merged_header(sources: dict[str, dict[str, Any]]) -> dict[str, Any]:
         }
         for n in names
     }
-    features = record_schema(len(label_names)).card_features()
+    if OPTIONAL_COLUMNS_KEY in first:
+        mgll[OPTIONAL_COLUMNS_KEY] = first[OPTIONAL_COLUMNS_KEY]
+    features = schema_of_block(mgll).card_features()
     all_shards = [sh for n in names for sh in sources[n]["shards"]]
 
     licence_ids = sorted({str(sources[n]["license"].get("id", "other")) for n in names})
@@ -271,7 +298,8 @@ def _merged_sources_table(sources: dict[str, dict[str, Any]], pretty_name: str) 
         f"# {pretty_name}",
         "",
         f"A merge of {len(names)} mgll datasets of the `{first['domain']}` domain (record schema "
-        f"v{first['schema_version']}, vocabulary {first['vocab_version']}, "
+        f"v{max(sources[n]['mgll']['schema_version'] for n in names)}, "
+        f"vocabulary {first['vocab_version']}, "
         f"{len(label_names)} labels). Each source's shards are kept byte for byte under "
         "`data/{source}/`; the `default` config holds all of them and each source has its own "
         "config.",
@@ -293,8 +321,9 @@ def _merged_sources_table(sources: dict[str, dict[str, Any]], pretty_name: str) 
     return body
 
 
-def _merged_labels(sources: dict[str, dict[str, Any]]) -> list[str]:
-    """Which labels each source leaves unannotated (NaN in all of its rows)."""
+def _merged_labels(sources: dict[str, dict[str, Any]], summary: Summary) -> list[str]:
+    """Which labels each source leaves unannotated (NaN in all of its rows), and the
+    positives / annotated rows per label and split over all sources."""
     names = sorted(sources)
     label_names = sources[names[0]]["mgll"]["label_names"]
     body = [
@@ -312,6 +341,14 @@ def _merged_labels(sources: dict[str, dict[str, Any]]) -> list[str]:
     for n in names:
         missing = [x for x in label_names if x not in sources[n]["mgll"]["annotated_labels"]]
         body.append(f"| `{n}` | {', '.join(missing) or 'none'} |")
+    counts = {s: summary.by_split[s] for s in SPLITS if s in summary.by_split}
+    body += [
+        "",
+        "Positives / annotated rows per split, all sources together:",
+        "",
+        *prevalence_table(label_names, counts),
+        "",
+    ]
     return body
 
 
@@ -319,7 +356,6 @@ def _merged_use_and_licences(sources: dict[str, dict[str, Any]]) -> list[str]:
     """How to load it, each source's licence and citation, and the commands that rebuild it."""
     names = sorted(sources)
     body = [
-        "",
         "## Use",
         "",
         "```python",

@@ -9,17 +9,27 @@ from ..errors import UserError
 from ..vocab import Vocabulary
 from .base import ScanResult, Source
 from .chestxray14 import ChestXray14Source
+from .chexpert import ChexpertSource
 from .fundus import GradedSource, OdirSource, RfmidSource
+from .iu_xray import IuXraySource
 from .learnable import LearnableSource
 from .midrc import MidrcCommonsSource, MidrcRicordSource
 from .mimic_cxr import MimicCxrSource
+from .rsna_pneumonia import RsnaPneumoniaSource
+from .siim_acr import SiimAcrSource
+from .vindr_cxr import VindrCxrSource
 
 SOURCES: dict[str, type[Source]] = {
     "chestxray14": ChestXray14Source,
+    "chexpert": ChexpertSource,
+    "vindr_cxr": VindrCxrSource,
     "mimic_cxr": MimicCxrSource,
+    "iu_xray": IuXraySource,
     "learnable": LearnableSource,
     "midrc_ricord": MidrcRicordSource,
     "midrc_commons": MidrcCommonsSource,
+    "siim_acr": SiimAcrSource,
+    "rsna_pneumonia": RsnaPneumoniaSource,
     "odir": OdirSource,
     "rfmid": RfmidSource,
     # One reader for the graded releases: each pipeline's `release` section sets its layout.

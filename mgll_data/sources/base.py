@@ -17,6 +17,7 @@ from ..build.pipeline import Pipeline
 from ..build.stages import Task
 from ..errors import UserError
 from ..vocab import Vocabulary
+from .archives import ZipLimits
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Source(ABC):
 
     # Command-line options this source understands (`--images`, `--views`, `--labels`).
     OPTIONS: ClassVar[frozenset[str]] = frozenset()
+    # Optional record columns this source fills (schemas/record.yaml), e.g. ("mask",).
+    OPTIONAL_COLUMNS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -66,8 +69,17 @@ class Source(ABC):
 
     def annotated_labels(self) -> list[str]:
         """The labels this source can assert (vocabulary order): the label map's targets."""
-        targets = set(self.pipeline.section("labels").get("map", {}).values())
+        targets = set(self.pipeline.labels.map.values())
         return [name for name in self.vocab.names if name in targets]
+
+    def required_label_map(self) -> dict[str, str]:
+        """`labels.map`, for a source that cannot read its release without one."""
+        if not self.pipeline.labels.map:
+            raise UserError(
+                f"{self.pipeline.path}: labels.map: the {self.pipeline.source} source needs a "
+                "mapping of column -> label"
+            )
+        return self.pipeline.labels.map
 
     def tasks(
         self, planned: list[tuple[tuple[str, int], RawItem]], archives: Sequence[Path] = ()
@@ -86,12 +98,15 @@ class Source(ABC):
 
 
 def stream_archives(
-    archives: Iterable[Path], wanted: list[tuple[tuple[str, int], RawItem]]
+    archives: Iterable[Path],
+    wanted: list[tuple[tuple[str, int], RawItem]],
+    max_member_bytes: int = ZipLimits.max_member_bytes,
 ) -> Iterator[Task]:
     """Read tar(.gz) archives once, sequentially, yielding a Task for each wanted member.
 
     Members are matched by base name. Items found in no archive (or cut off by a truncated
-    archive) yield a Task with an error, so they reach quarantine with a reason.
+    archive), and members larger than `max_member_bytes`, yield a Task with an error, so they
+    reach quarantine with a reason; a member is never held in memory past that cap.
     """
     by_name = {posixpath.basename(item.image.member or ""): (pos, item) for pos, item in wanted}
     problems: list[str] = []
@@ -103,10 +118,14 @@ def stream_archives(
                     if not member.isfile() or key not in by_name:
                         continue
                     pos, item = by_name.pop(key)
+                    ref = ImageRef(str(archive), member.name)
+                    item = dataclasses.replace(item, image=ref)
+                    if member.size > max_member_bytes:  # a tar header states the true size
+                        yield Task(pos, item, error=_oversized(member.size, max_member_bytes))
+                        continue
                     handle = tar.extractfile(member)
                     data = handle.read() if handle is not None else b""
-                    ref = ImageRef(str(archive), member.name)
-                    yield Task(pos, dataclasses.replace(item, image=ref), image_bytes=data)
+                    yield Task(pos, item, image_bytes=data)
         except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
             problems.append(f"{archive.name} is truncated or corrupt ({err})")
     reason = "image found in no archive"
@@ -114,3 +133,7 @@ def stream_archives(
         reason += "; " + "; ".join(problems)
     for pos, item in by_name.values():
         yield Task(pos, item, error=reason)
+
+
+def _oversized(size: int, cap: int) -> str:
+    return f"archive member is {size:,} bytes, over the {cap:,}-byte cap for one image"

@@ -3,6 +3,13 @@
 Columns are selected by name; the 2017 dialect's CRLF, trailing comma, zero-padded ids and
 `058Y` ages are normalised; NIH asserts the absence of its 14 findings, so those are 0 unless
 listed, and the labels it never annotates are NaN.
+
+`--labels google` adds the Google 2019 expert relabels (radiologist-adjudicated Fracture,
+Pneumothorax, Airspace opacity and Nodule or mass, YES/NO, for 4,376 images of the test and
+validation lists): where an image has a relabel, the labels its columns map to
+(`labels.relabels`) take the relabel's values and every other label keeps NIH's; `extra` names
+the relabelled labels and NIH's values they replaced. Images without a relabel keep NIH's labels
+or are left out (`labels.unrelabelled: keep | drop`).
 """
 
 from __future__ import annotations
@@ -21,6 +28,14 @@ from .toolkit import find_file, index_images, parse_age, parse_finite, release_f
 DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 ARCHIVE_PATTERN = re.compile(r"^images_\d+\.(tar\.gz|tgz|tar)$")
+# The relabels as torchxrayvision ships them (one table with `Set Id`), or Google's two tables.
+GOOGLE_NAMES = (
+    "google2019_nih-chest-xray-labels.csv",
+    "four_findings_expert_labels_test_labels.csv",
+    "four_findings_expert_labels_validation_labels.csv",
+)
+LABEL_MODES = ("nih", "google")
+_YES_NO = {"YES": 1.0, "NO": 0.0}
 
 
 def strip_id(raw: str) -> str:
@@ -37,22 +52,41 @@ def in_validation(patient_id: str, fraction: float, salt: str) -> bool:
 class ChestXray14Source(Source):
     """Reads the NIH Box layout (tar.gz archives or extracted `images/`) or the Kaggle copy."""
 
+    OPTIONS = frozenset({"labels"})
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        labels = self.pipeline.section("labels")
-        self.label_map: dict[str, str] = labels["map"]
-        self.box_label_map: dict[str, str] = {**self.label_map, **labels.get("box_map", {})}
+        labels = self.pipeline.labels
+        self.label_map = self.required_label_map()
+        self.box_label_map = {**self.label_map, **labels.box_map}
         self.data_entry = _at_root(self.root, DATA_ENTRY_NAMES)
         self.bbox_file = _at_root(self.root, ("BBox_List_2017.csv",))
         self.train_val_list = _at_root(self.root, ("train_val_list.txt",))
         self.test_list = _at_root(self.root, ("test_list.txt",))
-        frame = labels.get("box_frame")
-        self.box_frame = (int(frame[0]), int(frame[1])) if frame else None
+        self.box_frame = labels.box_frame
+        self.label_mode = str(self.options.get("labels", "nih")).lower()
+        if self.label_mode not in LABEL_MODES:
+            raise UserError(
+                f"pipeline {self.pipeline.name!r}: --labels {self.label_mode} is not one of "
+                f"{list(LABEL_MODES)}"
+            )
+        self.unrelabelled = labels.unrelabelled
+        self.relabel_files: list[Path] = []
+        if self.label_mode == "google":
+            found = [_at_root(self.root, (name,)) for name in GOOGLE_NAMES]
+            self.relabel_files = [f for f in found if f is not None]
 
     def input_files(self) -> list[Path]:
-        """The metadata files found at the root (the lists, the tables)."""
+        """The metadata files found at the root (the lists, the tables, the relabels)."""
         files = [self.data_entry, self.bbox_file, self.train_val_list, self.test_list]
-        return [f for f in files if f is not None]
+        return [f for f in files if f is not None] + self.relabel_files
+
+    def annotated_labels(self) -> list[str]:
+        """The label map's targets, and with `--labels google` the relabels' targets too."""
+        targets = set(self.label_map.values())
+        if self.label_mode == "google":
+            targets |= set(self.pipeline.labels.relabels.values())
+        return [name for name in self.vocab.names if name in targets]
 
     def scan(self) -> ScanResult:
         missing = []
@@ -63,6 +97,8 @@ class ChestXray14Source(Source):
         files, archives = self._index_images()
         if not files and not archives:
             missing.append("images (images/*.png, images_001/images/*.png or images_001.tar.gz)")
+        if self.label_mode == "google" and not self.relabel_files:
+            missing.append(f"the Google 2019 relabels for --labels google ({GOOGLE_NAMES[0]})")
         if missing:
             raise UserError(
                 f"{self.root}: not a ChestX-ray14 release; missing " + "; ".join(missing)
@@ -84,6 +120,7 @@ class ChestXray14Source(Source):
             layouts
         )
         result = ScanResult(items=[], notes=[note], inputs=self.input_files(), archives=archives)
+        relabels = self._read_relabels(result) if self.label_mode == "google" else None
         for row in table.to_dict("records"):
             name = row["Image Index"].strip()
             native = name.rsplit(".", 1)[0]
@@ -102,8 +139,13 @@ class ChestXray14Source(Source):
                 )
                 continue
             labels = self._labels(row["Finding Labels"])
+            relabel = relabels.get(name) if relabels is not None else None
+            if isinstance(relabel, str):
+                labels = relabel  # an unreadable relabel row: its reason
             if isinstance(labels, str):
                 result.quarantine.append(QuarantineEntry(item_id, where, "labels", labels))
+                continue
+            if relabels is not None and relabel is None and self.unrelabelled == "drop":
                 continue
             if name in files:
                 image = ImageRef(files[name])
@@ -111,9 +153,10 @@ class ChestXray14Source(Source):
                 image = ImageRef("images_*.tar.gz", name)
             else:
                 image = ImageRef(str(self.root / "images" / name))
-            result.items.append(
-                self._item(item_id, split, image, labels, patient, row, boxes.get(name, []))
-            )
+            item = self._item(item_id, split, image, labels, patient, row, boxes.get(name, []))
+            if relabel:
+                apply_relabel(item, relabel)
+            result.items.append(item)
         return result
 
     def _item(self, item_id, split, image, labels, patient, row, boxes) -> RawItem:
@@ -188,6 +231,33 @@ class ChestXray14Source(Source):
             )
         return boxes
 
+    def _read_relabels(self, result: ScanResult) -> dict[str, dict[str, float] | str]:
+        """{image name: {label: 1/0}} from the relabel tables; a string value is why a row
+        cannot be read (that image is quarantined)."""
+        columns = self.pipeline.labels.relabels
+        if not columns:
+            raise UserError(
+                f"{self.pipeline.path}: labels.relabels: --labels google needs a mapping of "
+                "relabel column -> label"
+            )
+        relabels: dict[str, dict[str, float] | str] = {}
+        for path in self.relabel_files:
+            table = read_csv_table(path, ("Image Index", *columns))
+            for row in table.to_dict("records"):
+                cells = {target: str(row[col]).strip().upper() for col, target in columns.items()}
+                bad = {t: v for t, v in cells.items() if v not in _YES_NO}
+                relabels[row["Image Index"].strip()] = (
+                    f"{path.name}: relabel {bad} is not YES or NO"
+                    if bad
+                    else {t: _YES_NO[v] for t, v in cells.items()}
+                )
+        how = "kept with NIH labels" if self.unrelabelled == "keep" else "left out"
+        result.notes.append(
+            f"--labels google: {len(relabels)} relabelled images in "
+            f"{', '.join(p.name for p in self.relabel_files)}; images without one are {how}"
+        )
+        return relabels
+
     def _index_images(self) -> tuple[dict[str, str], list[Path]]:
         """Every PNG under the root by file name, and the image archives in name order."""
         files: dict[str, str] = {}
@@ -196,6 +266,15 @@ class ChestXray14Source(Source):
                 files.setdefault(os.path.basename(path), path)
         archives = [p for p in release_files(self.root) if ARCHIVE_PATTERN.match(p.name)]
         return files, sorted(archives, key=lambda p: p.name)
+
+
+def apply_relabel(item: RawItem, relabel: dict[str, float]) -> None:
+    """Give `item` the relabel's values; `extra` names them and NIH's values they replace."""
+    replaced = {label: item.labels[label] for label in relabel if label in item.labels}
+    item.labels.update(relabel)
+    item.extra["relabelled"] = sorted(relabel)
+    if replaced:
+        item.extra["nih_labels"] = dict(sorted(replaced.items()))
 
 
 def _at_root(root: Path, names: tuple[str, ...]) -> Path | None:

@@ -26,14 +26,16 @@ import os
 import re
 import zipfile
 from pathlib import Path
+from typing import get_args
 
 from ..build.items import ImageRef, QuarantineEntry, RawItem
+from ..build.pipeline import ImageMode
 from ..errors import UserError
 from ..text.labeler import TextLabeler, restrict_labels
 from ..text.sections import conclusion, load_official_rules, section_report
 from .base import ScanResult, Source
 from .tables import read_csv_table
-from .toolkit import decode_text, find_file
+from .toolkit import decode_text, find_file, walk_release
 
 METADATA = "mimic-cxr-2.0.0-metadata.csv"
 SPLIT = "mimic-cxr-2.0.0-split.csv"
@@ -47,8 +49,8 @@ SPLIT_NAMES = {
     "test": "test",
 }
 LABEL_VALUES = {"1.0": 1.0, "1": 1.0, "0.0": 0.0, "0": 0.0, "-1.0": -1.0, "-1": -1.0}
-IMAGE_MODES = ("jpg", "dicom")
-LABEL_MODES = ("chexpert", "negbio", "text")
+IMAGE_MODES = get_args(ImageMode)
+LABEL_MODES = ("chexpert", "negbio", "text")  # `mesh` is IU X-ray's
 _MAX_DEPTH = 5
 
 
@@ -87,6 +89,22 @@ def _find(root: Path, name: str) -> Path | None:
     return find_file(root, (name,), max_depth=_MAX_DEPTH, skip_dir=_is_data_tree)
 
 
+def _report_roots(root: Path) -> list[Path]:
+    """Every folder under root that holds a `files/pXX` tree, where `files/pXX/pSUBJECT/
+    sSTUDY.txt` reports may be (the trees themselves are never walked)."""
+    found: list[Path] = []
+
+    def data_tree(folder: Path) -> bool:
+        if _is_data_tree(folder):
+            found.append(folder.parent)
+            return True
+        return False
+
+    for _ in walk_release(root, max_depth=_MAX_DEPTH, skip_dir=data_tree):
+        pass
+    return sorted(set(found))
+
+
 def _group(subject: str) -> str:
     return f"p{subject[:2]}"
 
@@ -98,33 +116,26 @@ class MimicCxrSource(Source):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        defaults = self.pipeline.section("options")
-        self.image_mode = str(self.options.get("images", defaults.get("images", "jpg"))).lower()
-        self.label_mode = str(self.options.get("labels", defaults.get("labels", "chexpert")))
-        self.label_mode = self.label_mode.lower()
-        views = self.options.get("views", defaults.get("views")) or ""
-        if isinstance(views, list):
+        defaults = self.pipeline.options
+        self.image_mode = str(self.options.get("images", defaults.images)).lower()
+        self.label_mode = str(self.options.get("labels", defaults.labels)).lower()
+        views = self.options.get("views", defaults.views) or ""
+        if isinstance(views, list | tuple):
             views = ",".join(views)
         self.views = {v.strip().upper() for v in str(views).split(",") if v.strip()} or None
         if self.image_mode not in IMAGE_MODES:
             raise UserError(f"--images {self.image_mode!r}: expected one of {list(IMAGE_MODES)}")
         if self.label_mode not in LABEL_MODES:
             raise UserError(f"--labels {self.label_mode!r}: expected one of {list(LABEL_MODES)}")
-        labels = self.pipeline.section("labels")
-        self.label_map: dict[str, str] = labels.get("map", {})
-        self.missing_policy = str(labels.get("missing", "text")).lower()
-        if self.missing_policy not in ("text", "quarantine"):
-            raise UserError(
-                f"{self.pipeline.path}: labels.missing must be 'text' or 'quarantine', "
-                f"not {self.missing_policy!r}"
-            )
-        self.text_sections = tuple(labels.get("text_sections") or ())
-        sections = self.pipeline.section("sections")
-        self.special_indices = {
-            k: (int(v[0]), int(v[1])) for k, v in (sections.get("special_indices") or {}).items()
-        }
-        self.special_names = dict(sections.get("special_section_names") or {})
-        self.section_rules = self._section_rules_path(sections.get("official_rules"))
+        labels = self.pipeline.labels
+        self.label_map = labels.map
+        self.missing_policy = labels.missing
+        self.text_sections = labels.text_sections
+        sections = self.pipeline.sections
+        # copies: the official rules are merged into them below
+        self.special_indices = dict(sections.special_indices)
+        self.special_names = dict(sections.special_section_names)
+        self.section_rules = self._section_rules_path(sections.official_rules)
         if self.section_rules is not None:
             official_indices, official_names = load_official_rules(self.section_rules)
             # the pipeline's own entries win over the official ones, whichever table they are in
@@ -162,7 +173,9 @@ class MimicCxrSource(Source):
         splits = {r["dicom_id"].strip(): r["split"].strip() for r in split_table.to_dict("records")}
         csv_labels = self._read_labels()
         order = self._study_order(meta)
-        reports = _ReportReader(self.reports_zip, [p for p in (dicom_root, jpg_root) if p])
+        # The releases' own folders first, then any other folder holding a `files/pXX` tree.
+        roots = [p for p in (dicom_root, jpg_root) if p] + _report_roots(self.root)
+        reports = _ReportReader(self.reports_zip, roots)
         result = ScanResult(
             items=[], notes=[self._describe(len(meta), reports)], inputs=self.input_files()
         )
@@ -219,6 +232,7 @@ class MimicCxrSource(Source):
             result.notes.append(f"--views {','.join(sorted(self.views or ()))}: {filtered} skipped")
         if mined and self.label_mode != "text":
             result.notes.append(f"{mined} images of studies absent from the label CSV: text labels")
+        result.notes += self._report_notes(reports, sectioned_cache)
         return result
 
     # -- pieces -----------------------------------------------------------------------------
@@ -232,6 +246,24 @@ class MimicCxrSource(Source):
             + (f" ({self.label_file.name})" if self.label_file else "")
             + f"; reports {reports.describe()}"
         )
+
+    def _report_notes(self, reports: _ReportReader, sectioned: dict[str, tuple]) -> list[str]:
+        """How many studies had a report; a warning when most had none. With `--labels text`
+        and no report at all, a UserError naming where reports were looked for."""
+        found = sum(note != "missing" for _, note in sectioned.values())
+        if self.label_mode == "text" and sectioned and not found:
+            raise UserError(
+                f"{self.root}: --labels text needs report texts, and no study has one; looked "
+                f"for {reports.describe()}"
+            )
+        notes = [f"reports found for {found} of {len(sectioned)} studies"]
+        if found * 2 < len(sectioned):
+            notes.append(
+                f"WARNING: most studies have no report ({len(sectioned) - found} of "
+                f"{len(sectioned)}); their descriptions and explanations come from label "
+                f"templates. Looked for {reports.describe()}"
+            )
+        return notes
 
     def _no_split(self, dicom_id: str, splits: dict[str, str]) -> str:
         """Why an image has no split: absent from the split CSV, or an unknown split name."""
@@ -312,7 +344,7 @@ class MimicCxrSource(Source):
 
     def labeler(self) -> TextLabeler:
         if self._labeler is None:
-            model = self.pipeline.section("labels").get("text_model")
+            model = self.pipeline.labels.text_model
             self._labeler = TextLabeler(self.vocab, model=model)
         return self._labeler
 
@@ -409,11 +441,12 @@ class _ReportReader:
                     self._members[name[index:]] = name
 
     def describe(self) -> str:
-        parts = []
-        if self._members:
-            parts.append(f"{self.zip_path.name} ({len(self._members)} reports)")
-        parts.append("files/*.txt")
-        return " and ".join(parts)
+        """Where reports are read from: the folders searched, and the zip if there is one."""
+        folders = ", ".join(str(r) for r in self.roots) or "no folder with a files/pXX tree"
+        where = f"files/pXX/pSUBJECT/sSTUDY.txt under {folders}"
+        if self.zip_path is None:
+            return f"{where} (no {REPORTS_ZIP} found)"
+        return f"{where} and in {self.zip_path.name} ({len(self._members)} reports)"
 
     def read(self, member: str) -> str | None:
         for root in self.roots:

@@ -41,9 +41,12 @@ def walk_release(
     """`os.walk(root)` top-down with hidden entries pruned and names sorted.
 
     Yields (folder, subfolder names, file names). Folders deeper than `max_depth` below the root
-    are not entered (the root is depth 0); `skip_dir(path)` true prunes a folder too.
+    are not entered (the root is depth 0); `skip_dir(path)` true prunes a folder too. Symlinked
+    folders are never entered (they may lead out of the release, or in a loop). File names may
+    still name a FIFO, socket or a symlink out of the release: the image stage refuses those
+    (`imaging/files.py`), so they reach quarantine with a reason.
     """
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, files in os.walk(root, followlinks=False):
         dirs[:] = sorted(
             d
             for d in dirs
@@ -80,7 +83,8 @@ def find_file(
     for folder, _, files in walk_release(root, max_depth=max_depth, skip_dir=skip_dir):
         for name in files:
             order = _name_order(name, wanted, loose)
-            if order is not None:
+            # A FIFO named like a metadata file would block the scan that reads it.
+            if order is not None and os.path.isfile(Path(folder) / name):
                 path = Path(folder) / name
                 hits.append((order, len(path.relative_to(root).parts), path.parts, path))
     return min(hits)[3] if hits else None

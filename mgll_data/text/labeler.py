@@ -41,6 +41,33 @@ Rules (per sentence, per mention):
   mentions only keep "no" inside them from acting as a trigger); otherwise it is not set. With
   `labels=` (e.g. CheXpert's 14) it looks at those labels only, so "emphysema" alone leaves a
   CheXpert-style No Finding = 1, as CheXpert's labeler gives.
+
+Conventions (CheXpert's where its labeler decides; `benchmarks/labeler_real.py` measures them
+on real reports):
+- No Finding is CheXpert's rule and nothing more: devices never block it, nor do chronic
+  findings outside the vocabulary (degenerative spine, aortic calcification). Chronic findings
+  that are labels block it like any other: a granuloma is a Lung Lesion, scarring is Fibrosis.
+- Chronic, stable, old and healed findings are findings: "stable cardiomegaly" and "old healed
+  rib fractures" are 1. A partly resolved one is still there ("almost completely resolved").
+  A past one is not: "history of X" negates X, as in CheXpert, and so do the sequelae of an
+  old infection for Pneumonia ("prior granulomatous infection" is a lesion, not a pneumonia).
+- Alternatives are uncertain, as CheXpert reads them: "X versus Y", and the vocabulary's
+  "atelectasis or scarring". A plain "X or Y" is not (CheXpert finds it in a parse tree; a
+  phrase rule would also catch the lists of "no effusion or pneumothorax"), so "effusion or
+  thickening" keeps the effusion at 1.
+- Hedges are uncertain: "may represent", "could indicate", "cannot exclude", "suggest",
+  "differential considerations include", "X is in the differential", "correlate clinically
+  for", "in the appropriate clinical setting", "X may not be demonstrated". A hedged phrase
+  of a label ("hyperexpanded lungs": Emphysema -1) can be denied ("no hyperexpansion": 0) and
+  decides no mention after it ("hyperexpanded lungs consistent with emphysema": 1); only a
+  negative phrase does ("interval removal of the ET tube").
+- Vascular congestion without edema is uncertain Edema (CheXpert); "volume loss" alone is no
+  Atelectasis mention (CheXpert's are "atelecta-" and "collapse").
+- A trigger that starts inside a label's fixed phrase and runs past its end still reads on:
+  "the lungs are clear of effusion" ("lungs are clear" + "clear of").
+- De-identification: `XXXX` (Indiana University) stands for any word, often not a name ("most
+  XXXX representing", "no XXXX of effusion"), so it is read as no word at all; `___`
+  (MIMIC-CXR) stays a word (`mgll_data/text/nlp.py`).
 """
 
 from __future__ import annotations
@@ -50,8 +77,10 @@ import warnings
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
+from itertools import pairwise
 
 from ..vocab import Vocabulary, load_vocabulary
+from .nlp import make_nlp, prepare_text
 from .statements import NEGATIVE_STATE, OrganStatements
 
 POSITIVE, NEGATIVE, UNCERTAIN = 1.0, 0.0, -1.0
@@ -85,9 +114,13 @@ PSEUDO_TRIGGERS = (
     "not well assessed",
     "not as well seen",
     "without significant change",
+    # "no consolidation to suggest pneumonia": the "no" negates both, nothing is hedged.
+    "to suggest",
     # Partly resolved is still there ("has nearly resolved, with minimal residual atelectasis").
     "nearly resolved",
     "almost resolved",
+    "nearly completely resolved",
+    "almost completely resolved",
     "partially resolved",
     "partly resolved",
     "incompletely resolved",
@@ -111,19 +144,6 @@ HEDGE_BRIDGE_WORDS = frozenset(
 # CheXpert: heart failure (positive or uncertain) implies possible cardiomegaly.
 HEART_FAILURE = ("chf", "heart failure", "congestive heart failure", "cardiac failure")
 NEGATION_WORDS = re.compile(r"\b(no|not|cannot|can't|n't|without|rule|ruled|exclude|excluded)\b")
-_DEID = re.compile(r"_{2,}")
-_VERSUS = re.compile(r"(?i)\b(vs)\.(?=\s)")
-# "pacemaker/ICD", "ETT/NGT": a slash between words separates them (not "s/p", "and/or").
-_WORD_SLASH = re.compile(r"(?<=[A-Za-z]{2})/(?=[A-Za-z]{2})")
-# Sections that state the question, not the answer ("INDICATION: evaluate for pneumothorax"):
-# their text is not labelled, as CheXpert labels only what the radiologist reports. A section
-# runs to the next capitalised header or blank line.
-_REQUEST_SECTION = re.compile(
-    r"(?m)^[ \t]*(?:INDICATION|HISTORY|CLINICAL HISTORY|CLINICAL INDICATION|CLINICAL INFORMATION|"
-    r"REASON FOR (?:THE )?(?:EXAM|EXAMINATION|STUDY)|CLINICAL QUESTION)[ \t]*:"
-    r"(?P<body>.*?)(?=\n[ \t]*\n|\n?[ \t]*[A-Z][A-Z ()/,&-]{2,}:|\Z)",
-    re.DOTALL,
-)
 # scispaCy's abbreviation detector warns on every doc that its empty global matcher has no rules.
 warnings.filterwarnings("ignore", message=r"\[W036\]")
 
@@ -170,24 +190,6 @@ def restrict_labels(labels: dict[str, float], allowed: Collection[str]) -> dict[
     return kept
 
 
-def prepare_text(text: str) -> str:
-    """Text for NLP, same length as the input: `___` -> `XXX` (a word, so it neither glues
-    sentences together nor reads as punctuation), `vs.` -> `vs ` (the trigger, not a sentence
-    end), `and/or` -> `or  `, a slash between words (`pacemaker/ICD`) -> a space, and the body
-    of an INDICATION/HISTORY-like section -> spaces (the question, not the findings)."""
-    text = _DEID.sub(lambda m: "X" * len(m.group(0)), text)
-    text = _VERSUS.sub(lambda m: m.group(1) + " ", text)
-    text = re.sub(r"(?i)\band/or\b", "or    ", text)
-    text = _REQUEST_SECTION.sub(_blank_body, text)
-    return _WORD_SLASH.sub(" ", text)
-
-
-def _blank_body(match: re.Match) -> str:
-    """The header kept, its body replaced by spaces (line breaks kept, so offsets hold)."""
-    head = match.group(0)[: match.start("body") - match.start()]
-    return head + re.sub(r"[^\n]", " ", match.group("body"))
-
-
 class TextLabeler:
     """Extracts vocabulary labels (1/0/-1, absent = not mentioned) from report text."""
 
@@ -197,7 +199,7 @@ class TextLabeler:
 
         self.vocab = vocab
         self.only = set(labels) if labels else None
-        self.nlp, self.model = _make_nlp(model)
+        self.nlp, self.model = make_nlp(model)
         self._matcher = PhraseMatcher(self.nlp.vocab, attr="LOWER")
         self._kinds: dict[str, tuple[str, str]] = {}  # match key -> (kind, label or trigger)
         raw = vocab.raw
@@ -292,12 +294,7 @@ class TextLabeler:
         candidates = _maximal(candidates)
         fixed_spans = _maximal([(s, e, lab) for s, e, lab, _ in fixed])
         fixed_value = {(s, e, lab): v for s, e, lab, v in fixed}
-        occupied = [(s, e) for s, e, _ in candidates + fixed_spans]
-        triggers = []
-        for kind in ("neg_pre", "neg_post", "unc_pre", "unc_post", "terminator", "pseudo"):
-            for s, e, _ in spans.get(kind, ()):
-                if not any(s < oe and os_ < e for os_, oe in occupied):
-                    triggers.append((s, e, kind))
+        triggers = _free_triggers(spans, candidates, fixed_spans)
         # A pseudo-trigger only wins against shorter triggers: "no longer" is pseudo, but
         # "is no longer seen" is a negation.
         triggers = [t for t in _longest(triggers) if t[2] != "pseudo"]
@@ -310,8 +307,12 @@ class TextLabeler:
         heart_failure = {(s, e) for s, e, _ in _maximal(spans.get("heart_failure", []))}
         result: list[Mention] = []
         for s, e, lab in fixed_spans:
-            value = fixed_value[(s, e, lab)]
-            result.append(Mention(lab, value, s, e, doc[s:e].text, "phrase"))
+            value, cue = fixed_value[(s, e, lab)], "phrase"
+            if value == UNCERTAIN:  # a hedged phrase can still be denied: "no hyperexpansion"
+                judged, judged_cue = self._judge(doc, s, e, triggers)
+                if judged == NEGATIVE:
+                    value, cue = judged, judged_cue
+            result.append(Mention(lab, value, s, e, doc[s:e].text, cue))
         for s, e, lab in candidates:
             value, cue = self._judge(doc, s, e, triggers)
             # A label's own phrase just before its mention ("interval removal of [the] ET
@@ -320,6 +321,7 @@ class TextLabeler:
                 gap = doc[fe:s]
                 if (
                     fl == lab
+                    and fixed_value[(fs, fe, fl)] == NEGATIVE
                     and (fs, fe, fl) not in statement_spans
                     and 0 <= s - fe <= MAX_PHRASE_GAP
                     and all(t.is_alpha and t.lower_ not in CLAUSE_BREAKS for t in gap)
@@ -350,8 +352,7 @@ class TextLabeler:
         return found
 
     def _judge(self, doc, start: int, end: int, triggers) -> tuple[float, str]:
-        sentence = doc[start].sent
-        lo, hi = sentence.start, sentence.end
+        lo, hi = _sentence(doc, start)
         covering: list[tuple[str, str]] = []
         # A trigger that is both pre and post ("versus", "vs") joins two alternatives: it
         # covers only the phrase next to it on each side, not across a comma.
@@ -411,10 +412,40 @@ def _hedged_predicates(doc, triggers, mention_starts: set[int]) -> list:
                 end = first
                 while end < len(doc) and not doc[end].is_punct and not doc[end].is_sent_start:
                     end += 1
-                if end < len(doc) and doc[end].sent == doc[s].sent:
+                if end < len(doc) and _sentence(doc, end) == _sentence(doc, s):
                     clause_ends.append((end, end + 1, "terminator"))
         result.append((s, e, kind))
     return result + clause_ends
+
+
+def _free_triggers(spans: dict, candidates: list, fixed_spans: list) -> list:
+    """Triggers not inside a mention or a fixed phrase ("no" in "no acute disease"). One that
+    starts inside a fixed phrase and runs past its end reads on: "lungs are clear" + "clear
+    of" in "the lungs are clear of effusion" still negates the effusion."""
+    mentions = [(s, e) for s, e, _ in candidates]
+    phrases = [(s, e) for s, e, _ in fixed_spans]
+    triggers = []
+    for kind in ("neg_pre", "neg_post", "unc_pre", "unc_post", "terminator", "pseudo"):
+        for s, e, _ in spans.get(kind, ()):
+            if any(s < oe and os_ < e for os_, oe in mentions):
+                continue
+            if any(s < oe and os_ < e and not (os_ < s and oe < e) for os_, oe in phrases):
+                continue
+            triggers.append((s, e, kind))
+    return triggers
+
+
+def _sentence(doc, i: int) -> tuple[int, int]:
+    """(start, end) of the sentence holding token `i`; the bounds are found once per doc
+    (spaCy's `token.sent` scans the whole doc on every call)."""
+    bounds = doc.user_data.get("mgll_sentences")
+    if bounds is None:
+        starts = [t.i for t in doc if t.is_sent_start] + [len(doc)]
+        bounds = [None] * len(doc)
+        for lo, hi in pairwise(starts):
+            bounds[lo:hi] = [(lo, hi)] * (hi - lo)
+        doc.user_data["mgll_sentences"] = bounds
+    return bounds[i]
 
 
 def _comma(doc, start: int, end: int) -> bool:
@@ -447,63 +478,6 @@ def _longest(spans: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
             chosen.append((s, e, kind))
             taken.update(range(s, e))
     return sorted(set(chosen))
-
-
-def _make_nlp(model: str | None):
-    """A full scispaCy model when installed (or asked for), else blank English + scispaCy."""
-    import spacy
-    from spacy.language import Language
-
-    if not Language.has_factory("mgll_sentences"):
-        Language.component("mgll_sentences", func=_sentences)
-    candidates = [model] if model else ["en_core_sci_sm", "en_core_sci_md", "en_core_sci_lg"]
-    for name in candidates:
-        if name and spacy.util.is_package(name):
-            nlp = spacy.load(name, exclude=["ner", "lemmatizer"])
-            nlp.add_pipe("mgll_sentences", first=True)
-            used = name
-            break
-    else:
-        from scispacy.custom_tokenizer import combined_rule_tokenizer
-
-        nlp = spacy.blank("en")
-        nlp.tokenizer = combined_rule_tokenizer(nlp)
-        nlp.add_pipe("mgll_sentences")
-        used = "blank_en+scispacy_tokenizer"
-    try:
-        import scispacy.abbreviation  # noqa: F401  (registers the factory)
-
-        nlp.add_pipe("abbreviation_detector")
-        used += "+abbreviations"
-    except (ImportError, ValueError):  # pragma: no cover - scispaCy is a dependency
-        pass
-    return nlp, used
-
-
-_ENDERS = {".", "?", "!"}
-
-
-def _sentences(doc):
-    """Sentence starts: after . ? ! (not inside a number), at blank lines and line-start bullets."""
-    for i, token in enumerate(doc):
-        if i == 0:
-            token.is_sent_start = True
-            continue
-        prev = doc[i - 1]
-        start = False
-        if prev.text in _ENDERS or (
-            prev.text.endswith(".")
-            and len(prev.text) > 1
-            and prev.whitespace_
-            and token.text[:1].isupper()
-        ):
-            start = True
-        elif prev.is_space and ("\n\n" in prev.text.replace(" ", "") or token.text in ("-", "*")):
-            start = True
-        elif "\n\n" in prev.whitespace_:
-            start = True
-        token.is_sent_start = start
-    return doc
 
 
 @cache

@@ -89,9 +89,14 @@ class OrganStatements:
             if not _alternation(phrases):
                 raise ValueError("organ_statements: a state without phrases")
         self._subject = re.compile(rf"\b(?:the\s+)?({_alternation(list(self.subjects))})\b", re.I)
+        # Every position where a subject can start: the subject-first patterns are tried there
+        # only (the same matches as scanning the whole text, several times faster).
+        self._subject_starts = re.compile(
+            rf"(?=\b(?:the\s+)?(?:{_alternation(list(self.subjects))}))", re.I
+        )
         self._patterns = self._compile(block) if self.subjects else []
 
-    def _compile(self, block: Mapping[str, Any]) -> list[tuple[re.Pattern, str, tuple[str, ...]]]:
+    def _compile(self, block: Mapping[str, Any]) -> list[tuple[re.Pattern, str, tuple, bool]]:
         subject = rf"(?:the\s+)?(?:{_alternation(list(self.subjects))})"
         chain = rf"{subject}(?:\s*,\s*(?:and\s+)?{subject}|\s+and\s+{subject})*"
         # Optional groups only for non-empty lists: an empty alternation inside a repetition
@@ -107,24 +112,28 @@ class OrganStatements:
                 rf"\b(?P<subjects>{chain})(?P<between>{link}{fillers})"
                 rf"\s+(?P<state>{_alternation(phrases)})\b{_CLAUSE_END}"
             )
-            patterns.append((re.compile(regex, re.I), value, labels))
+            patterns.append((re.compile(regex, re.I), value, labels, True))
         for labels, phrases in self.adjectives:
             # "normal heart size and mediastinal contours": the whole chain is normal
             regex = rf"\b(?P<state>{_alternation(phrases)})\s+(?P<subjects>{chain})\b"
-            patterns.append((re.compile(regex, re.I), NEGATIVE_STATE, labels))
+            patterns.append((re.compile(regex, re.I), NEGATIVE_STATE, labels, False))
         for labels, phrases in self.nouns:
             regex = (
                 rf"\b(?P<state>{_alternation(phrases)})\s+of\s+(?:the\s+)?(?:[a-z-]+\s+)??"
                 rf"(?P<subjects>{subject})\b"
             )
-            patterns.append((re.compile(regex, re.I), JUDGED_STATE, labels))
+            patterns.append((re.compile(regex, re.I), JUDGED_STATE, labels, False))
         return patterns
 
     def find(self, text: str) -> list[Statement]:
         """Every statement in `text` (see `Statement` for the spans)."""
         found = []
-        for pattern, value, state_labels in self._patterns:
-            for match in pattern.finditer(text):
+        starts = [m.start() for m in self._subject_starts.finditer(text)]
+        for pattern, value, state_labels, subject_first in self._patterns:
+            matches = (
+                _matches_at(pattern, text, starts) if subject_first else pattern.finditer(text)
+            )
+            for match in matches:
                 spoken = {
                     label
                     for name in self._subject.findall(match.group("subjects"))
@@ -146,6 +155,19 @@ class OrganStatements:
                     span = (match.start("state"), match.end("state"))
                 found.append(Statement(*span, labels, value))
         return found
+
+
+def _matches_at(pattern: re.Pattern, text: str, starts: list[int]):
+    """`pattern.finditer(text)` for a pattern that can only match at `starts`: the same
+    non-overlapping matches, left to right."""
+    end = 0
+    for start in starts:
+        if start < end:
+            continue
+        match = pattern.match(text, start)
+        if match:
+            end = max(match.end(), start + 1)
+            yield match
 
 
 __all__ = ["JUDGED_STATE", "NEGATIVE_STATE", "OrganStatements", "Statement"]

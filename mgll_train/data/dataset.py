@@ -14,6 +14,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from .bad_samples import MAX_SUBSTITUTES, Skipped
+from .images import UnreadableImage
+from .labels import check_annotated
 from .records import ParquetRecords
 from .sources import parse_sources
 from .transforms import SampleTransform
@@ -42,11 +45,28 @@ class MgllDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        record = self.records[i]
-        labels, annotated = self.records.aligned_labels(record)
-        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
-        return self.transform(record, labels, annotated, rng)
+    def __getitem__(self, i: int | tuple[int, int]) -> dict[str, Any]:
+        """Sample ``i`` (or ``(epoch, i)``: that epoch's, whatever `set_epoch` said); an image
+        that does not decode is replaced by the next rows' (see `bad_samples`), and the
+        sample's ``skipped`` lists what was passed over."""
+        epoch, i = i if isinstance(i, tuple) else (self.epoch, i)
+        skipped: list[Skipped] = []
+        for j in range(i, i + MAX_SUBSTITUTES):
+            record = self.records[j % len(self.records)]
+            labels, annotated = self.records.aligned_labels(record)
+            rng = np.random.default_rng([self.seed, epoch, int(i)])
+            try:
+                sample = self.transform(record, labels, annotated, rng)
+            except UnreadableImage as err:
+                file = str(self.records.files[record["_file"]])
+                skipped.append((str(record["id"]), file, str(err)))
+                continue
+            return sample | {"skipped": skipped} if skipped else sample
+        # Nothing decodes here: a placeholder the main process refuses (BadSampleGuard).
+        return self.transform(record, labels, annotated, rng, decode=False) | {
+            "skipped": skipped,
+            "unusable": True,
+        }
 
 
 def make_dataset(
@@ -62,6 +82,7 @@ def make_dataset(
     )
     if len(records) == 0:
         raise UserError(f"{spec}: no rows with split == {split!r}")
+    check_annotated(spec, records.annotated_values, transform.labels_required)
     return MgllDataset(records, transform, seed=seed)
 
 
@@ -79,6 +100,10 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     if "unit" in samples[0]:  # streaming: each sample's row-group position, for resume
         batch["units"] = torch.tensor([s["unit"] for s in samples], dtype=torch.int64)
+    skipped = [entry for s in samples for entry in s.get("skipped", ())]
+    if skipped:  # unreadable images passed over (counted by the main process)
+        batch["skipped"] = skipped
+        batch["unusable"] = any(s.get("unusable", False) for s in samples)
     return batch
 
 

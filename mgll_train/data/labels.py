@@ -8,21 +8,22 @@ names (the first file's order, then new names appended); a label a file does not
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from mgll_data.record import NEGATIVE, POSITIVE, UNCERTAIN, read_mgll_metadata
+from mgll_data.record import LABEL_VALUES, NEGATIVE, POSITIVE, UNCERTAIN, read_mgll_metadata
 
+# The values of --uncertain and --unmentioned live in a torch-free module the parsers read.
+from ..choices import UNCERTAIN_POLICIES, UNMENTIONED_POLICIES, UncertainPolicy, UnmentionedPolicy
 from ..errors import UserError
 
-UncertainPolicy = Literal["ignore", "positive", "negative"]
-UnmentionedPolicy = Literal["negative", "ignore"]
-# The values of --uncertain and --unmentioned (fit and eval).
-UNCERTAIN_POLICIES: tuple[UncertainPolicy, ...] = ("ignore", "positive", "negative")
-UNMENTIONED_POLICIES: tuple[UnmentionedPolicy, ...] = ("negative", "ignore")
+log = logging.getLogger("mgll_train")
 
 
 def shard_metadata(path: Path | str) -> dict[str, Any]:
@@ -32,6 +33,64 @@ def shard_metadata(path: Path | str) -> dict[str, Any]:
     except ValueError as err:  # no block or no label_names, or pyarrow: not Parquet at all
         message = str(err)
         raise UserError(message if str(path) in message else f"{path}: {message}") from err
+
+
+def check_stored_labels(path: Path | str, label_names: Sequence[str]) -> int:
+    """Check every stored label vector of a file; return how many values are annotated (not NaN).
+
+    Each vector must have one value per name in the file's `mgll` metadata, each 1, 0, −1 or
+    NaN; anything else is a `UserError` naming the file and the first offending row. Checked a
+    Parquet batch at a time with vectorised pyarrow/NumPy operations.
+    """
+    annotated, offset = 0, 0
+    parquet = pq.ParquetFile(path)
+    if "labels" not in parquet.schema_arrow.names:
+        raise UserError(f"{path}: no labels column; expected the columns of an mgll build")
+    for batch in parquet.iter_batches(columns=["labels"]):
+        column = batch.column(0)
+        lengths = pc.fill_null(pc.list_value_length(column), -1).to_numpy()
+        wrong = np.flatnonzero(lengths != len(label_names))
+        if len(wrong):
+            row = int(wrong[0])
+            raise UserError(
+                f"{path}: the labels of record {_record_id(parquet, offset + row)} hold "
+                f"{max(int(lengths[row]), 0)} values; expected {len(label_names)}, one per "
+                "label_names entry of its mgll metadata"
+            )
+        values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float64)
+        known = np.isnan(values) | np.isin(values, LABEL_VALUES)
+        if not known.all():
+            bad = int(np.flatnonzero(~known)[0])
+            row = offset + int(np.searchsorted(np.cumsum(lengths), bad, side="right"))
+            raise UserError(
+                f"{path}: record {_record_id(parquet, row)} has the label value "
+                f"{values[bad]:g}; expected 1 (positive), 0 (negative), -1 (uncertain) or NaN "
+                "(not mentioned)"
+            )
+        annotated += int((~np.isnan(values)).sum())
+        offset += batch.num_rows
+    return annotated
+
+
+def _record_id(parquet: pq.ParquetFile, row: int) -> str:
+    """The id of row ``row`` of a file (read only for an error message), or ``row N``."""
+    if "id" not in parquet.schema_arrow.names:
+        return f"row {row}"
+    return str(parquet.read(columns=["id"])["id"][row])
+
+
+def check_annotated(spec: str, annotated_values: int, required: bool) -> None:
+    """Refuse data whose every stored label is NaN when labels are ``required`` (they are the
+    MGLL losses' targets and the evaluation's ground truth); otherwise warn once."""
+    if annotated_values:
+        return
+    message = f"{spec}: every stored label is NaN (nothing annotated)"
+    if required:
+        raise UserError(
+            f"{message}; the MGLL losses and evaluation learn from labels "
+            "(--loss clip trains on the texts alone)"
+        )
+    log.warning("%s: --loss clip trains on the texts alone; label metrics will be empty", message)
 
 
 def aligned_label_names(

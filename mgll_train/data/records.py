@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 
-from .labels import aligned_label_names, annotated_mask, shard_metadata
+from .labels import aligned_label_names, annotated_mask, check_stored_labels, shard_metadata
 
 # Row groups cached per process. A block-shuffled epoch (mgll_train.sampler) touches a window of
 # row groups at a time, so each is read once instead of once per row.
@@ -82,6 +82,11 @@ class ParquetRecords(Dataset):
         self.columns = list(columns) if columns is not None else None
         self.label_names, self.index_maps = aligned_label_names(self.files)
         self.metadata = [shard_metadata(f) for f in self.files]
+        # Malformed labels are refused here, before any training; annotated values counted.
+        self.annotated_values = sum(
+            check_stored_labels(f, m["label_names"])
+            for f, m in zip(self.files, self.metadata, strict=True)
+        )
         if index is None:
             parts = [
                 np.concatenate([np.full((len(rows), 1), i), rows], axis=1)

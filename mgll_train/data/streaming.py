@@ -11,6 +11,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .bad_samples import Skipped
+from .images import UnreadableImage
+from .labels import check_annotated
 from .records import ParquetRecords, weighted_positions
 from .transforms import SampleTransform
 
@@ -41,6 +44,9 @@ class StreamingRecords(IterableDataset):
         files = [Path(f) for source_files, _ in sources for f in source_files]
         self.records = ParquetRecords(files, split=split, columns=transform.columns, index=[])
         self.records.columns = [*transform.columns, "split"]
+        check_annotated(
+            ", ".join(map(str, files)), self.records.annotated_values, transform.labels_required
+        )
         factors = [w for source_files, w in sources for _ in source_files]
         self.units: list[tuple[int, int]] = []
         for i, (file, factor) in enumerate(zip(files, factors, strict=True)):
@@ -102,8 +108,10 @@ class StreamingRecords(IterableDataset):
     def _one_pass(
         self, order: np.ndarray, placement: tuple[int, int, int, int], passes: int
     ) -> Generator[dict[str, Any], None, int]:
-        """One pass over this worker's row groups; returns how many samples it yielded."""
+        """One pass over this worker's row groups; returns how many samples it yielded. An
+        image that does not decode is left out and reported with the next sample (`skipped`)."""
         yielded = 0
+        skipped: list[Skipped] = []
         for position in self.positions_for(*placement, start=self.start_unit if passes == 0 else 0):
             file, group = self.units[order[position]]
             table = self.records.read_row_group(file, group)
@@ -115,8 +123,14 @@ class StreamingRecords(IterableDataset):
                     continue
                 record["_file"] = file
                 labels, annotated = self.records.aligned_labels(record)
-                sample = self.transform(record, labels, annotated, rng)
+                try:
+                    sample = self.transform(record, labels, annotated, rng)
+                except UnreadableImage as err:
+                    skipped.append((str(record["id"]), str(self.records.files[file]), str(err)))
+                    continue
                 sample["unit"] = position
+                if skipped:
+                    sample["skipped"], skipped = skipped, []
                 yielded += 1
                 yield sample
         return yielded

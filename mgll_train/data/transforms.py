@@ -10,16 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from mgll_data.record import GRANULARITIES, GRANULARITY_COLUMNS, text_hash
 
+from ..choices import TEXT_SAMPLINGS, TextSampling
 from ..errors import UserError
 from .images import (
-    decode_image,
+    decode_scaled,
     image_config_from_model,
     image_to_tensor,
     pad_resize,
@@ -28,8 +29,10 @@ from .images import (
 from .labels import UncertainPolicy, UnmentionedPolicy, apply_label_policy
 from .tokenizer import TextTokenizer
 
-TextSampling = Literal["truncate", "sentences"]
-TEXT_SAMPLINGS: tuple[TextSampling, ...] = ("truncate", "sentences")  # --text-sampling
+# An image at least this many times the model's size is box-reduced by an integer factor
+# before the bicubic resize (Pillow's `reducing_gap`): 512-px PNGs for a 224-px model resize
+# twice as fast, within the tolerance tests/test_loader_equivalence.py checks.
+REDUCING_GAP = 1.0
 
 
 @dataclass
@@ -45,6 +48,9 @@ class SampleTransform:
     unmentioned: UnmentionedPolicy = "negative"
     text_sampling: TextSampling = "truncate"
     augment: bool = False
+    # Data with no annotated label is refused when True (the MGLL losses, evaluation), only
+    # warned about when False (--loss clip learns from the texts alone).
+    labels_required: bool = True
     columns: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -77,10 +83,15 @@ class SampleTransform:
         return cls(TextTokenizer(tokenizer, context_length), size, mean, std, **kwargs)
 
     def image(self, data: bytes, rng: np.random.Generator) -> torch.Tensor:
-        """Decode, pad to square, (augment,) resize and normalise one image."""
-        image = decode_image(data)
-        crop = random_crop_box(max(image.size), rng) if self.augment else None
-        return image_to_tensor(pad_resize(image, self.image_size, crop), self.mean, self.std)
+        """Decode (at reduced scale where the format allows), pad to square, (augment,)
+        resize and normalise one image; uint8 until the normalisation."""
+        image, reduced = decode_scaled(data, self.image_size)
+        crop = None
+        if self.augment:  # drawn in the stored image's coordinates: the same box at any scale
+            box = random_crop_box(round(max(image.size) * reduced), rng)
+            crop = tuple(v / reduced for v in box)
+        square = pad_resize(image, self.image_size, crop, reducing_gap=REDUCING_GAP)
+        return image_to_tensor(square, self.mean, self.std)
 
     def texts(
         self, record: dict[str, Any], rng: np.random.Generator
@@ -103,13 +114,20 @@ class SampleTransform:
         labels: np.ndarray,
         annotated: np.ndarray,
         rng: np.random.Generator,
+        decode: bool = True,
     ) -> dict[str, Any]:
         """The sample: ``image [3,H,W]``, ``texts [G,L]``, ``labels [K]``, ``text_ids [G]``,
-        ``truncated [G]`` and ``id``."""
+        ``truncated [G]`` and ``id``. ``decode=False``: a black image in place of the record's
+        (a placeholder for a batch that is refused). Bytes that do not decode (or a missing
+        image) raise `UnreadableImage`."""
         texts, tokens, truncated = self.texts(record, rng)
         policy = apply_label_policy(labels, annotated, self.uncertain, self.unmentioned)
+        if decode:
+            image = self.image((record["image"] or {}).get("bytes") or b"", rng)
+        else:
+            image = torch.zeros(3, self.image_size, self.image_size)
         return {
-            "image": self.image(record["image"]["bytes"], rng),
+            "image": image,
             "texts": tokens,
             "labels": torch.from_numpy(policy),
             "text_ids": torch.tensor([text_hash(t) for t in texts], dtype=torch.int64),

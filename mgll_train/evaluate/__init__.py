@@ -10,13 +10,33 @@ Where things live:
 * `zeroshot.py`  — prompt ensembles from the vocabulary, zero-shot scores
 * `probe.py`     — patient-level subsets, the linear head, `--finetune`
 * `retrieval.py` — label-aware Recall@k, chance level, graded mAP
-* `report.py`    — JSON-safe metrics, the printed table, the plots
-* `cli.py`       — the `eval` flags, loading a checkpoint, `run_eval`
+* `report.py`    — JSON-safe metrics, the plots
+* `table.py`     — the printed table (table.txt)
+* `cli.py`       — loading a checkpoint, `run_eval`
+* `flags.py`     — the `eval` flags and task names (torch-free: `--help` stays fast)
 """
 
-from .cli import add_eval_arguments, load_model_from_checkpoint, run_eval
-from .report import clean_metrics
-from .runner import TASKS, evaluate_model
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .flags import TASKS, add_eval_arguments
+
+# The rest loads torch: imported on first use, so `mgll-train --help` does not pay for it.
+_LAZY = {
+    "clean_metrics": ".report",
+    "evaluate_model": ".runner",
+    "load_model_from_checkpoint": ".cli",
+    "run_eval": ".cli",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name], __name__), name)
+
 
 __all__ = [
     "TASKS",

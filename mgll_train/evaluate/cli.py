@@ -1,4 +1,5 @@
-"""`mgll-train eval`: its flags, loading a checkpoint, and writing metrics.json, table and plots."""
+"""`mgll-train eval`: loading a checkpoint, and writing metrics.json, table and plots (the flags
+are in `flags.py`)."""
 
 from __future__ import annotations
 
@@ -11,93 +12,33 @@ from typing import Any
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..config import non_negative_int, positive_int
-from ..data.labels import UNCERTAIN_POLICIES, UNMENTIONED_POLICIES
-from ..errors import UserError
-from .report import clean_metrics, format_table, write_plots
-from .runner import TASKS, evaluate_model
+from ..devices import usable_device
+from .report import clean_metrics, write_plots
+from .runner import evaluate_model
+from .table import format_table
 
 log = logging.getLogger("mgll_train")
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `mgll-train eval`."""
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a .pt checkpoint")
-    parser.add_argument("--data", required=True, help="dataset to evaluate on (as --train-data)")
-    parser.add_argument("--split", default="test", help="value of the split column (test)")
-    parser.add_argument(
-        "--tasks",
-        default=",".join(TASKS),
-        help="comma-separated: zeroshot,linear-probe,retrieval (all)",
-    )
-    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json and plots")
-    parser.add_argument(
-        "--train-data",
-        default=None,
-        help="linear-probe training data (default: the checkpoint's training data)",
-    )
-    parser.add_argument("--train-split", default=None, help="its split (the checkpoint's: train)")
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=64, help="images per forward pass (64)"
-    )
-    parser.add_argument(
-        "--workers", type=non_negative_int, default=2, help="data loader workers (2)"
-    )
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (1000)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--uncertain",
-        choices=UNCERTAIN_POLICIES,
-        default="ignore",
-        help="what -1 labels become (ignore: left out)",
-    )
-    parser.add_argument(
-        "--unmentioned",
-        choices=UNMENTIONED_POLICIES,
-        default="ignore",
-        help="what NaN labels become (ignore: left out)",
-    )
-    parser.add_argument("--probe-epochs", type=int, default=50, help="probe epochs (50)")
-    parser.add_argument("--probe-lr", type=float, default=1e-3, help="linear head lr (1e-3)")
-    parser.add_argument("--finetune", action="store_true", help="fine-tune the image tower too")
-    parser.add_argument(
-        "--finetune-lr", type=float, default=1.25e-4, help="fine-tuning lr (1.25e-4)"
-    )
 
 
 def load_model_from_checkpoint(path: Path, device: torch.device) -> tuple[Any, dict[str, Any]]:
     """``(ModelBundle, checkpoint)`` with the checkpoint's weights loaded."""
     # Imported here: open_clip loads only when a checkpoint is evaluated, not for --help.
-    from ..model import DEFAULT_LOGIT_BIAS, create_model
+    from ..model import model_from_checkpoint
 
     state = load_checkpoint(Path(path))
-    has_bias = any(k == "logit_bias" for k in state["state_dict"])
-    bundle = create_model(
-        state["model_name"],
-        None,
-        device=device,
-        init_logit_bias=DEFAULT_LOGIT_BIAS if has_bias else None,
-        weights_follow=True,
-    )
-    bundle.model.load_state_dict(state["state_dict"])
+    bundle = model_from_checkpoint(state, Path(path), device)
     bundle.model.eval()
     return bundle, state
 
 
 def eval_device(name: str) -> torch.device:
     """``--device`` read as ``fit`` reads it: a known accelerator that is not available here
-    falls back to the CPU (with a warning); a name torch does not know is a user error."""
-    from open_clip_train.distributed import is_device_available
-
-    try:
-        available, known = is_device_available(name)
-    except RuntimeError as err:
-        raise UserError(f"--device {name!r} is not a torch device ({err})") from err
-    if known and not available:
-        log.warning("--device %s is not available here; evaluating on the CPU", name)
-        return torch.device("cpu")
-    return torch.device(name)
+    falls back to the CPU (with a one-line warning); a name torch does not know is a user
+    error."""
+    device, warning = usable_device(name)
+    if warning:
+        log.warning(warning)
+    return torch.device(device)
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -119,6 +60,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         device,
         train_data=train_data,
         train_split=train_split,
+        progress=False if args.no_progress else None,
     )
     metrics = {
         "checkpoint": str(args.checkpoint),

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from ..data import SampleTransform, collate
 
@@ -67,15 +68,26 @@ def extract_features(
     workers: int,
     device: torch.device,
     texts: bool = True,
+    progress: bool | None = None,
 ) -> Features:
-    """Image (and category-text) features of every row, in dataset order."""
+    """Image (and category-text) features of every row, in dataset order.
+
+    ``progress``: a bar over the batches; None draws it only when stderr is a terminal.
+    """
     was_training = model.training
     model.eval()
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate
     )
     images, text_feats, labels, ids = [], [], [], []
-    for batch in loader:
+    bar = tqdm(
+        loader,
+        desc="features",
+        unit="batch",
+        disable=None if progress is None else not progress,
+        leave=False,
+    )
+    for batch in bar:
         images.append(model.encode_image(batch["images"].to(device), normalize=False).float().cpu())
         if texts:
             tokens = batch["texts"][0].to(device)

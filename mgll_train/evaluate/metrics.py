@@ -6,7 +6,8 @@ sum; the tests check both against scikit-learn. Bootstrap CIs resample images wi
 resample. The 95 % interval is the 2.5/97.5 percentiles; resamples in which a label has one
 class only are left out of that label's interval. By default an image whose label is NaN or −1
 is left out of that label's score; a label without both classes among the remaining images is
-reported as skipped.
+reported as skipped, and one with fewer than `--min-support` positives or negatives is scored
+but marked as low support.
 """
 
 from __future__ import annotations
@@ -101,11 +102,15 @@ def multilabel_auroc(
     bootstrap: int = 1000,
     seed: int = 0,
     usable: Sequence[bool] | None = None,
+    min_support: int = 0,
 ) -> dict[str, Any]:
     """Per-label AUROC with bootstrap CIs, macro AUROC and the CheXpert-five mean.
 
     ``labels`` ``[N, K]`` holds 1/0 and NaN (left out). ``usable[k]`` False marks a label as
-    skipped for another reason (no prompts). Returns the ``zeroshot`` block of metrics.json.
+    skipped for another reason (no prompts). A label with fewer than ``min_support`` positives
+    or negatives is scored but marked ``low_support``: ``macro_auroc`` keeps it (comparable
+    with other reports), ``macro_auroc_supported`` leaves it out. Returns the ``zeroshot``
+    block of metrics.json.
     """
     n, k = labels.shape
     weights = bootstrap_weights(n, bootstrap, seed) if bootstrap > 0 else np.zeros((0, n))
@@ -133,6 +138,7 @@ def multilabel_auroc(
             "ci95": percentile_ci(boot),
             "positives": n_pos,
             "negatives": n_neg,
+            "low_support": min(n_pos, n_neg) < min_support,
         }
 
     def mean_of(selected: list[str]) -> tuple[float | None, list[float | None]]:
@@ -147,6 +153,7 @@ def multilabel_auroc(
         return point, percentile_ci(means)
 
     macro, macro_ci = mean_of(list(per_label))
+    supported, supported_ci = mean_of([s for s, r in per_label.items() if not r["low_support"]])
     five = [s for s in CHEXPERT5 if s in per_label]
     chex, chex_ci = mean_of(five)
     return {
@@ -154,6 +161,9 @@ def multilabel_auroc(
         "skipped": skipped,
         "macro_auroc": macro,
         "macro_auroc_ci95": macro_ci,
+        "macro_auroc_supported": supported,
+        "macro_auroc_supported_ci95": supported_ci,
+        "min_support": min_support,
         "chexpert5_auroc": chex if len(five) == len(CHEXPERT5) else None,
         "chexpert5_auroc_ci95": chex_ci if len(five) == len(CHEXPERT5) else [None, None],
         "chexpert5_labels": five,

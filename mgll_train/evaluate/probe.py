@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,10 +28,20 @@ from .metrics import macro_auroc_map
 PROBE_FRACTIONS = (0.01, 0.1, 1.0)
 
 
-def patient_subset(
+@dataclass
+class PatientSubset:
+    """A training subset and how it was drawn (for the report)."""
+
+    rows: np.ndarray  # sorted row indices
+    target_rows: int  # ceil(fraction · N): rows the random draw stops at
+    drawn_patients: int  # taken in the seeded order until target_rows
+    added_patients: int  # then added so that every label with a positive in the split has one
+
+
+def draw_patient_subset(
     patients: Sequence[str], labels: np.ndarray, fraction: float, seed: int
-) -> np.ndarray:
-    """Sorted row indices of a seeded patient-level subset of about ``fraction`` of the rows.
+) -> PatientSubset:
+    """A seeded patient-level subset of about ``fraction`` of the rows.
 
     Patients are taken in a seeded shuffled order until the subset holds ``ceil(fraction·N)``
     rows; then, for each label with no positive row in the subset but some in the split, the
@@ -60,7 +71,15 @@ def patient_subset(
             if positive[rows_of[unique[i]], j].any():
                 selected.add(unique[i])
                 break
-    return np.array(sorted(r for p in selected for r in rows_of[p]), dtype=np.int64)
+    rows = np.array(sorted(r for p in selected for r in rows_of[p]), dtype=np.int64)
+    return PatientSubset(rows, target, len(chosen), len(selected) - len(chosen))
+
+
+def patient_subset(
+    patients: Sequence[str], labels: np.ndarray, fraction: float, seed: int
+) -> np.ndarray:
+    """Sorted row indices of :func:`draw_patient_subset`."""
+    return draw_patient_subset(patients, labels, fraction, seed).rows
 
 
 def _masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -214,6 +233,7 @@ def probe_block(
     train_split: str,
     args: Any,
     device: torch.device,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """The ``linear_probe`` block of metrics.json: macro AUROC and mAP per training subset."""
     names = eval_set.label_names
@@ -223,7 +243,7 @@ def probe_block(
         labels = np.stack([train_set[i]["labels"].numpy() for i in range(len(train_set))])
     else:
         train_feats = extract_features(
-            model, train_set, args.batch_size, args.workers, device, texts=False
+            model, train_set, args.batch_size, args.workers, device, texts=False, progress=progress
         )
         patients, labels = train_feats.patients, train_feats.labels
     labels = align_labels(labels, train_set.label_names, names)
@@ -234,7 +254,8 @@ def probe_block(
         "epochs": args.probe_epochs,
     }
     for fraction in PROBE_FRACTIONS:
-        rows = patient_subset(patients, labels, fraction, args.seed)
+        subset = draw_patient_subset(patients, labels, fraction, args.seed)
+        rows = subset.rows
         if train_feats is None:
             logits = finetune_and_score(model, train_set, rows, eval_set, len(names), args, device)
         else:
@@ -243,6 +264,8 @@ def probe_block(
         result |= {
             "train_images": int(len(rows)),
             "train_patients": len({patients[r] for r in rows}),
+            "target_images": subset.target_rows,
+            "patients_added_for_labels": subset.added_patients,
         }
         probe[f"{fraction:.0%}"] = result
     return probe

@@ -1,4 +1,5 @@
-"""The outputs of `mgll-train eval`: JSON-safe metrics, the printed table and the plots."""
+"""The outputs of `mgll-train eval`: JSON-safe metrics and the plots (the printed table is in
+`table.py`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from .metrics import roc_curve
-from .probe import PROBE_FRACTIONS
 
 
 def clean_metrics(value: Any) -> Any:
@@ -27,58 +27,49 @@ def clean_metrics(value: Any) -> Any:
     return value
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    """A number for the table, or "n/a" aligned to its width."""
-    return "  n/a" if value is None else f"{value:.{digits}f}"
+def curve_styles(count: int) -> list[tuple[Any, str]]:
+    """(colour, line style) for `count` curves, no two alike: up to 20, the ten dark tab20
+    colours drawn solid, then their light partners dashed; beyond, `count` colours spread over
+    the turbo colour map with four line styles in turn, so neighbours differ in style too."""
+    import matplotlib
+
+    if count <= 20:
+        tab20 = matplotlib.colormaps["tab20"].colors
+        return [(tab20[2 * (i % 10) + i // 10], "-" if i < 10 else "--") for i in range(count)]
+    turbo = matplotlib.colormaps["turbo"]
+    styles = ("-", "--", ":", "-.")
+    return [(turbo(i / (count - 1)), styles[i % 4]) for i in range(count)]
 
 
-def format_table(metrics: dict[str, Any]) -> str:
-    """A readable summary of metrics.json."""
-    lines = [
-        f"evaluation of {metrics.get('checkpoint', '?')} on {metrics['data']} "
-        f"[{metrics['split']}], {metrics['images']} images"
-    ]
-    zs = metrics.get("zeroshot")
-    if zs:
-        lines += [
-            "",
-            "zero-shot AUROC (95 % bootstrap CI)",
-            f"  {'label':28} AUROC  CI          pos/neg",
-        ]
-        for name, r in zs["per_label"].items():
-            lo, hi = r["ci95"]
-            lines.append(
-                f"  {name:28} {_fmt(r['auroc'])}  [{_fmt(lo)}, {_fmt(hi)}]  "
-                f"{r['positives']}/{r['negatives']}"
-            )
-        lo, hi = zs["macro_auroc_ci95"]
-        lines.append(f"  {'macro':28} {_fmt(zs['macro_auroc'])}  [{_fmt(lo)}, {_fmt(hi)}]")
-        lo, hi = zs["chexpert5_auroc_ci95"]
-        lines.append(
-            f"  {'CheXpert five':28} {_fmt(zs['chexpert5_auroc'])}  [{_fmt(lo)}, {_fmt(hi)}]"
-        )
-        for name, why in zs["skipped"].items():
-            lines.append(f"  {name:28} skipped: {why}")
-    lp = metrics.get("linear_probe")
-    if lp:
-        lines += ["", f"{lp['mode']} probe ({lp['epochs']} epochs)   macro AUROC   mAP   images"]
-        for key in (f"{f:.0%}" for f in PROBE_FRACTIONS):
-            r = lp[key]
-            lines.append(
-                f"  {key:>5} of {lp['train_split']:10} {_fmt(r['macro_auroc']):>10}  "
-                f"{_fmt(r['map'])}  {r['train_images']}"
-            )
-    rt = metrics.get("retrieval")
-    if rt:
-        lines += ["", f"label-aware retrieval ({rt['items']} items, {rt['label_sets']} label sets)"]
-        lines.append("  direction        R@1    R@5    R@10   graded mAP")
-        for key in ("image_to_text", "text_to_image", "chance"):
-            r = rt[key]
-            lines.append(
-                f"  {key:15} {_fmt(r['R@1'])}  {_fmt(r['R@5'])}  {_fmt(r['R@10'])}  "
-                f"{_fmt(r.get('graded_map'))}"
-            )
-    return "\n".join(lines)
+def roc_figure(metrics: dict[str, Any], extras: dict[str, Any]) -> Any:
+    """The zero-shot ROC curve of every label in `metrics`, each in its own colour and line
+    style (`curve_styles`), the legend beside the plot."""
+    import matplotlib.pyplot as plt
+
+    zs = metrics["zeroshot"]
+    names = list(zs["per_label"])
+    labels, scores, all_names = extras["labels"], extras["zeroshot_scores"], extras["names"]
+    fig, ax = plt.subplots(figsize=(6 + 2 * math.ceil(len(names) / 30), 6))
+    for name, (colour, style) in zip(names, curve_styles(len(names)), strict=True):
+        j = all_names.index(name)
+        keep = ~np.isnan(labels[:, j])
+        fpr, tpr = roc_curve(labels[keep, j] > 0, scores[keep, j])
+        auroc = zs["per_label"][name]["auroc"]
+        shown = "n/a" if auroc is None else f"{auroc:.2f}"
+        ax.plot(fpr, tpr, lw=1.2, color=colour, ls=style, label=f"{name} ({shown})")
+    ax.plot([0, 1], [0, 1], color="k", ls=(0, (1, 3)), lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="zero-shot ROC")
+    ax.set_aspect("equal")
+    ax.legend(
+        fontsize=6,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1),
+        ncols=math.ceil(len(names) / 30),
+        title="label (AUROC)",
+        title_fontsize=6,
+    )
+    fig.tight_layout()
+    return fig
 
 
 def write_plots(metrics: dict[str, Any], extras: dict[str, Any], out: Path) -> list[Path]:
@@ -93,17 +84,7 @@ def write_plots(metrics: dict[str, Any], extras: dict[str, Any], out: Path) -> l
         return []
     written = []
     names = list(zs["per_label"])
-    labels, scores, all_names = extras["labels"], extras["zeroshot_scores"], extras["names"]
-    fig, ax = plt.subplots(figsize=(6, 6))
-    for name in names:
-        j = all_names.index(name)
-        keep = ~np.isnan(labels[:, j])
-        fpr, tpr = roc_curve(labels[keep, j] > 0, scores[keep, j])
-        ax.plot(fpr, tpr, lw=1, label=f"{name} ({zs['per_label'][name]['auroc']:.2f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="zero-shot ROC")
-    ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
+    fig = roc_figure(metrics, extras)
     path = out / "roc_curves.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)

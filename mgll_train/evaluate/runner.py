@@ -15,11 +15,10 @@ import torch
 from ..data import make_dataset
 from ..errors import UserError
 from .features import eval_transform, extract_features
+from .flags import TASKS
 from .probe import probe_block
 from .retrieval import retrieval_block
 from .zeroshot import zeroshot_block
-
-TASKS = ("zeroshot", "linear-probe", "retrieval")
 
 
 def evaluate_model(
@@ -32,8 +31,12 @@ def evaluate_model(
     device: torch.device,
     train_data: str | None = None,
     train_split: str = "train",
+    progress: bool | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run ``tasks`` on ``data``/``split``; return ``(metrics, extras for the plots)``."""
+    """Run ``tasks`` on ``data``/``split``; return ``(metrics, extras for the plots)``.
+
+    ``progress``: bars while features are extracted; None draws them only on a terminal.
+    """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise UserError(f"unknown eval tasks {unknown}; use {','.join(TASKS)}")
@@ -41,7 +44,13 @@ def evaluate_model(
     transform = eval_transform(model, tokenizer, args)
     dataset = make_dataset(data, transform, split=split, seed=args.seed)
     feats = extract_features(
-        model, dataset, args.batch_size, args.workers, device, texts="retrieval" in tasks
+        model,
+        dataset,
+        args.batch_size,
+        args.workers,
+        device,
+        texts="retrieval" in tasks,
+        progress=progress,
     )
     metrics: dict[str, Any] = {"data": data, "split": split, "images": len(feats.ids)}
     extras: dict[str, Any] = {"labels": feats.labels, "names": dataset.label_names}
@@ -58,7 +67,7 @@ def evaluate_model(
             )
         train_set = make_dataset(train_data, transform, split=train_split, seed=args.seed)
         metrics["linear_probe"] = probe_block(
-            model, train_set, dataset, feats, train_data, train_split, args, device
+            model, train_set, dataset, feats, train_data, train_split, args, device, progress
         )
     metrics["seconds"] = round(time.time() - started, 2)
     return metrics, extras

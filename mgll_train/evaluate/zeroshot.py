@@ -17,6 +17,7 @@ import torch
 from ..data import MgllDataset
 from ..data.tokenizer import TextTokenizer
 from .features import Features
+from .flags import MIN_SUPPORT
 from .metrics import multilabel_auroc
 
 # The vocabulary of a dataset whose `mgll` block names no domain.
@@ -84,6 +85,9 @@ def zeroshot_block(
     scores, usable = zeroshot_scores(
         model, tokenizer, feats.image, names, vocabulary_prompts(domain), device
     )
-    block = multilabel_auroc(feats.labels, scores, names, args.bootstrap, args.seed, usable)
+    min_support = getattr(args, "min_support", MIN_SUPPORT)  # fit's evaluation has no flag
+    block = multilabel_auroc(
+        feats.labels, scores, names, args.bootstrap, args.seed, usable, min_support
+    )
     block["domain"] = domain
     return block, scores

@@ -9,6 +9,9 @@ Layout:
   ``forward`` (checks, device, autocast off) and a once-per-instance warning.
 * :mod:`.mgll` — :class:`MGLLLoss` (``--loss mgll``), :mod:`.clip` — :class:`ClipLoss`
   (``--loss clip``), :mod:`.official` — :class:`OfficialMGLLLoss` (``--loss mgll-official``).
+* :mod:`.tokenwise` — :class:`TokenObjective`, the base of objectives that read patch and word
+  tokens through trainable heads of their own: :mod:`.mgca` — :class:`MGCALoss`
+  (``--loss mgca``), :mod:`.g2d` — :class:`G2DLoss` (``--loss g2d``, ``--dense-loss g2d``).
 * :mod:`.factory` — :data:`LOSSES` (name → class) and :func:`create_loss`.
 
 Every objective takes one rank's batch — image features ``[B, D]``, text features ``[G, B, D]``,
@@ -42,17 +45,24 @@ from .common import (
     text_hash,
     text_ids_for,
 )
-from .factory import LOSSES, create_loss, loss_class
+from .factory import DENSE_LOSSES, LOSSES, create_loss, loss_class
+from .g2d import G2DLoss
+from .mgca import MGCALoss
 from .mgll import MGLLLoss
 from .official import OfficialMGLLLoss
+from .tokenwise import TokenObjective
 
 __all__ = [
+    "DENSE_LOSSES",
     "LOSSES",
     "ClipLoss",
+    "G2DLoss",
     "LossInputs",
+    "MGCALoss",
     "MGLLLoss",
     "MultiGranularLoss",
     "OfficialMGLLLoss",
+    "TokenObjective",
     "cooccurrence_targets",
     "create_loss",
     "label_cooccurrence",

@@ -14,11 +14,7 @@ TOP = ("Normal", "Abnormal")
 
 
 class FundusSource(Source):
-    """Shared plumbing: the pipeline's label settings, hash splits and the fundus item shape."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.labels_config = self.pipeline.section("labels")
+    """Shared plumbing: hash splits, vocabulary order, quarantine and the fundus item shape."""
 
     def split_of(self, key: str) -> str:
         """train / validation / test by a salted hash of `key` (a patient, an image)."""

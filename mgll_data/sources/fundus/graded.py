@@ -2,7 +2,8 @@
 
 Each release is a table of image ids (or one table per official split) with an ICDR diabetic
 retinopathy grade 0-4 and, for some, a diabetic macular edema (DME) grade. Their differences are
-the pipeline's `release` section:
+the pipeline's `release` section (checked when the pipeline is loaded: `GradedLayout` in
+`build/pipeline.py`):
 
     release:
       name: an APTOS 2019 release      # the layout error says "not <name>"
@@ -39,12 +40,11 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...build.items import ImageRef
-from ...build.pipeline import Pipeline
+from ...build.pipeline import GradedLayout, GradedTable, ImageFolders
 from ...errors import UserError
 from ..base import ScanResult
 from ..tables import read_csv_table
@@ -86,98 +86,6 @@ def parse_grade(raw: Any) -> int | None:
     return int(value)
 
 
-# --- the `release` section -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GradedTable:
-    """One grading table of a release and where its images are."""
-
-    split: str
-    files: tuple[str, ...]
-    required: str = ""
-    if_missing: str = ""
-    prefer_folder: str = ""
-    avoid: tuple[str, ...] = ()
-    image_folders: dict[str, str] | None = None
-
-
-@dataclass(frozen=True)
-class DmeColumn:
-    """The column of diabetic macular edema grades, its name in messages and in `extra`."""
-
-    column: str
-    name: str
-    extra_key: str
-
-
-@dataclass(frozen=True)
-class GradedLayout:
-    """A graded release's layout, read from the pipeline's `release` section."""
-
-    name: str
-    id_column: str
-    grade_column: str
-    missing_image: str
-    tables: tuple[GradedTable, ...]
-    dme: DmeColumn | None = None
-    gradable_column: str = ""
-    strip_extensions: str | tuple[str, ...] = ()
-    eye_suffix: bool = False
-    ids_carry_split: bool = False
-    skip_blank_ids: bool = False
-    extra_columns: tuple[tuple[str, str], ...] = ()
-    images: str = ""
-    no_table: str = ""
-    unlabelled: tuple[str, ...] = ()
-
-    @classmethod
-    def from_pipeline(cls, pipeline: Pipeline) -> GradedLayout:
-        """Read and check `release`; a one-line UserError names a missing or wrong key."""
-        raw = pipeline.section("release")
-        keys = ("name", "id_column", "grade_column", "missing_image", "tables")
-        missing = [k for k in keys if not raw.get(k)]
-        if missing:
-            raise UserError(f"{pipeline.path}: a graded fundus release needs release.{missing[0]}")
-        try:
-            tables = tuple(_table(entry) for entry in raw["tables"])
-            dme = DmeColumn(**raw["dme"]) if raw.get("dme") else None
-        except (TypeError, KeyError, AttributeError) as err:
-            raise UserError(f"{pipeline.path}: release.tables or release.dme: {err}") from None
-        strip = raw.get("strip_extensions") or ()
-        return cls(
-            name=str(raw["name"]),
-            id_column=str(raw["id_column"]),
-            grade_column=str(raw["grade_column"]),
-            missing_image=str(raw["missing_image"]),
-            tables=tables,
-            dme=dme,
-            gradable_column=str(raw.get("gradable_column", "")),
-            strip_extensions=strip if isinstance(strip, str) else tuple(strip),
-            eye_suffix=bool(raw.get("eye_suffix", False)),
-            ids_carry_split=bool(raw.get("ids_carry_split", False)),
-            skip_blank_ids=bool(raw.get("skip_blank_ids", False)),
-            extra_columns=tuple((raw.get("extra_columns") or {}).items()),
-            images=str(raw.get("images", "")),
-            no_table=str(raw.get("no_table", "")),
-            unlabelled=tuple(raw.get("unlabelled") or ()),
-        )
-
-
-def _table(entry: dict[str, Any]) -> GradedTable:
-    if entry.get("split") not in ("train", "test"):
-        raise KeyError(f"split must be train or test, not {entry.get('split')!r}")
-    return GradedTable(
-        split=entry["split"],
-        files=tuple(entry["files"]),
-        required=str(entry.get("required", "")),
-        if_missing=str(entry.get("if_missing", "")),
-        prefer_folder=str(entry.get("prefer_folder", "")),
-        avoid=tuple(entry.get("avoid") or ()),
-        image_folders=dict(entry["image_folders"]) if entry.get("image_folders") else None,
-    )
-
-
 # --- the reader ------------------------------------------------------------------------------
 
 
@@ -187,12 +95,10 @@ class GradedSource(FundusSource):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.layout = GradedLayout.from_pipeline(self.pipeline)
-        self.dme_wording = {
-            int(k): str(v) for k, v in (self.labels_config.get("dme") or {}).items()
-        }
+        self.dme_wording = self.pipeline.labels.dme
         if self.layout.dme is not None and not self.dme_wording:
             raise UserError(f"{self.pipeline.path}: release.dme needs the wording in labels.dme")
-        grading = self.labels_config.get("grading")
+        grading = self.pipeline.labels.grading
         gradings = self.vocab.raw.get("gradings") or {}
         if grading not in gradings:
             raise UserError(
@@ -245,9 +151,9 @@ class GradedSource(FundusSource):
     def _folder_images(self, table: GradedTable) -> dict[str, list[str]]:
         """Images under the folders `image_folders` names: a folder whose path has `within`
         (`%20` read as a space), whose own name has `named` and whose path lacks `not_within`."""
-        rule = table.image_folders or {}
-        within, named = rule.get("within", "").lower(), rule.get("named", "").lower()
-        not_within = rule.get("not_within", "").lower()
+        rule = table.image_folders or ImageFolders()
+        within, named = rule.within.lower(), rule.named.lower()
+        not_within = rule.not_within.lower()
         images: dict[str, list[str]] = {}
         for folder, _, _ in walk_release(self.root):
             if (
@@ -335,7 +241,7 @@ class GradedSource(FundusSource):
             labels = dme_labels(labels, dme)
             text = f"{text} {self.dme_wording[dme]}".strip()
             extra[layout.dme.extra_key] = dme
-        for column, key in layout.extra_columns:
+        for column, key in layout.extra_columns.items():
             value = str(row.get(column, "")).strip()
             if value:
                 extra[key] = value

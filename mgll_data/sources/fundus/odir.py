@@ -36,7 +36,6 @@ ODIR_COLUMNS = (
     "Left-Diagnostic Keywords",
     "Right-Diagnostic Keywords",
 )
-ODIR_FLAGS = ("N", "D", "G", "C", "A", "H", "M", "O")
 _EYE = re.compile(r"_(left|right)\b", re.IGNORECASE)
 _KEYWORD_SEPARATORS = re.compile(r"[，,、;；]")
 
@@ -52,15 +51,15 @@ class OdirSource(FundusSource):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        config = self.labels_config
+        config = self.pipeline.labels
         self.keyword_map: dict[str, Any] = {
-            " ".join(str(k).split()).lower(): v for k, v in config.get("keywords", {}).items()
+            " ".join(k.split()).lower(): v for k, v in config.keywords.items()
         }
-        self.normal_keywords = {k.lower() for k in config.get("normal_keywords", [])}
-        self.quality_keywords = {k.lower() for k in config.get("quality_keywords", [])}
-        self.not_fundus_keywords = {k.lower() for k in config.get("not_fundus_keywords", [])}
-        self.unknown_target = config.get("unknown_keyword_label", "Other Abnormality")
-        self.flags = config.get("patient_flags", list(ODIR_FLAGS))
+        self.normal_keywords = {k.lower() for k in config.normal_keywords}
+        self.quality_keywords = {k.lower() for k in config.quality_keywords}
+        self.not_fundus_keywords = {k.lower() for k in config.not_fundus_keywords}
+        self.unknown_target = config.unknown_keyword_label
+        self.flags = config.patient_flags
         self._annotated = self.annotated_labels()
 
     def annotated_labels(self) -> list[str]:

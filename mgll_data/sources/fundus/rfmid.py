@@ -27,7 +27,7 @@ class RfmidSource(FundusSource):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.column_map: dict[str, str] = self.labels_config["map"]
+        self.column_map = self.required_label_map()
 
     def annotated_labels(self) -> list[str]:
         return self.vocabulary_order([*TOP, *self.column_map.values()])

@@ -5,7 +5,8 @@ Labels: `COVID-19` from the `measurement` node: the most recent `COVID-19` test 
 Negative = 0; two results on that day that disagree = -1; none = NaN. The mRALE CSV (optional)
 adds `extra.mrale` (score and the four components, quality issue). Study zips
 (`<case_id>/<study>.zip`, found anywhere under the root) are read in place; DICOMs are searched
-recursively, into nested zips of any depth, which are read from memory.
+recursively, into nested zips (at most 4 levels), with every member streamed under size and
+compression-ratio caps (`sources/archives.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ...build.items import QuarantineEntry, RawItem
-from ...errors import UserError
+from ...errors import ItemError, UserError
+from ...imaging.files import open_release_file
 from ..base import ScanResult
 from ..tables import read_csv_table
 from ..toolkit import decode_text, parse_finite, release_files
@@ -32,7 +34,6 @@ from .series import (
     DicomImage,
     MidrcSource,
     patient_key,
-    read_header,
     short_hash,
     walk_zip,
 )
@@ -91,8 +92,7 @@ class MidrcCommonsSource(MidrcSource):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        labels = self.pipeline.section("labels")
-        self.window = float(labels.get("covid_window_days", 14))
+        self.window = self.pipeline.labels.covid_window_days
         self._files = sorted(release_files(self.root))
         self.tables = {node: self._find_node(node) for node in NODES}
         self.manifest = self._find_manifest()
@@ -223,7 +223,8 @@ class MidrcCommonsSource(MidrcSource):
         )
 
     def _zip_images(self, result: ScanResult) -> dict[str, list[DicomImage]]:
-        """The DICOMs of every study zip by StudyInstanceUID; unreadable zips are quarantined."""
+        """The DICOMs of every study zip by StudyInstanceUID, read as streams (only headers
+        are read, `walk_zip`); unreadable zips and members over a cap are quarantined."""
         by_study: dict[str, list[DicomImage]] = {}
         zips = [p for p in self._files if p.name.endswith(".zip")]
         for number, path in enumerate(zips, start=1):
@@ -231,15 +232,19 @@ class MidrcCommonsSource(MidrcSource):
             if not ANON_MRN.search(path.parent.name):
                 rel = f"zip {number}"
             try:
-                with zipfile.ZipFile(path) as archive:
+                with (
+                    open_release_file(path, self.root, what="study zip") as file,
+                    zipfile.ZipFile(file) as archive,
+                ):
                     entries = list(walk_zip(archive))
-            except (zipfile.BadZipFile, OSError) as err:
+            except (zipfile.BadZipFile, OSError, ItemError) as err:
+                reason = err.reason if isinstance(err, ItemError) else str(err)
                 result.quarantine.append(
                     QuarantineEntry(
                         f"{self.pipeline.name}:zip-{short_hash(str(path.relative_to(self.root)))}",
                         rel,
                         "scan",
-                        f"study zip unreadable ({err})",
+                        f"study zip unreadable ({reason})",
                     )
                 )
                 continue
@@ -255,9 +260,8 @@ class MidrcCommonsSource(MidrcSource):
                         )
                     )
                     continue
-                header = read_header(payload)
-                image = DicomImage(path=path, chain=chain, header=header, label=label)
-                study = (header or {}).get("StudyInstanceUID")
+                image = DicomImage(path=path, chain=chain, header=payload, label=label)
+                study = (payload or {}).get("StudyInstanceUID")
                 if study is None:
                     # No readable header: keep it with the zip's study (its name) so the image
                     # stage reports why it is unusable.

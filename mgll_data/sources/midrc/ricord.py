@@ -27,19 +27,20 @@ Labels:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ...build.items import QuarantineEntry
 from ...errors import UserError
+from ...imaging.files import regular_file_problem
 from ..base import ScanResult
 from ..tables import read_csv_table
-from ..toolkit import find_file, release_files
+from ..toolkit import find_file, is_hidden, release_files
 from .series import DicomImage, MidrcSource, clean, patient_key, read_header, short_hash
 
 # metadata.csv has 17 columns; these are the ones the reader needs.
 REQUIRED_METADATA = ("Series UID", "Subject ID", "Study UID", "File Location")
-READER_POLICIES = ("majority", "unanimous", "any")
 
 
 class MidrcRicordSource(MidrcSource):
@@ -47,25 +48,13 @@ class MidrcRicordSource(MidrcSource):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        labels = self.pipeline.section("labels")
-        self.label_map: dict[str, str] = dict(labels.get("map") or {})
-        self.groups: dict[str, list[str]] = {
-            group: list(names) for group, names in (labels.get("groups") or {}).items()
-        }
+        labels = self.pipeline.labels
+        self.label_map = labels.map
+        self.groups = labels.groups
         self.group_of = {name: g for g, names in self.groups.items() for name in names}
-        self.policy = str(labels.get("reader_policy", "majority")).lower()
-        if self.policy not in READER_POLICIES:
-            raise UserError(
-                f"{self.pipeline.path}: labels.reader_policy must be one of "
-                f"{list(READER_POLICIES)}, not {self.policy!r}"
-            )
-        self.unannotated = str(labels.get("unannotated", "keep")).lower()
-        if self.unannotated not in ("keep", "quarantine"):
-            raise UserError(
-                f"{self.pipeline.path}: labels.unannotated must be 'keep' or 'quarantine', "
-                f"not {self.unannotated!r}"
-            )
-        self.covid_all = bool(labels.get("covid19_all_positive", True))
+        self.policy = labels.reader_policy
+        self.unannotated = labels.unannotated
+        self.covid_all = labels.covid19_all_positive
         self.metadata = find_file(self.root, ("metadata.csv",), max_depth=1)
         self.annotations = _find_annotation_json(self.root)
 
@@ -130,7 +119,9 @@ class MidrcRicordSource(MidrcSource):
         study_uid = clean(row["Study UID"])
         where = f"{self.metadata.name} row {number}"
         folder = self._folder(row["File Location"])
-        files = sorted(folder.glob("*.dcm")) if folder is not None else []
+        # AppleDouble twins (`._1-1.dcm`) of a macOS copy match the glob but are not DICOMs.
+        found = folder.glob("*.dcm") if folder is not None else ()
+        files = sorted(path for path in found if not is_hidden(path.name))
         if not files:
             result.quarantine.append(
                 QuarantineEntry(
@@ -164,7 +155,9 @@ class MidrcRicordSource(MidrcSource):
             image = DicomImage(
                 path=path,
                 chain=(),
-                header=read_header(path),
+                # A FIFO or a symlink out of the release is never opened here; the image stage
+                # quarantines it with the reason.
+                header=None if regular_file_problem(path, self.root) else read_header(path),
                 label=f"{self.metadata.name} row {number} file {index + 1}",
             )
             result.items.append(
@@ -245,7 +238,7 @@ class MidrcRicordSource(MidrcSource):
         return labels, {k: v for k, v in extra.items() if v is not None}
 
 
-def combine(votes: list[str], values: list[str], policy: str) -> dict[str, float]:
+def combine(votes: list[str], values: Sequence[str], policy: str) -> dict[str, float]:
     """One label group's values from its readers' choices (see the module docstring)."""
     if not votes:
         return {}

@@ -27,13 +27,17 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
 from ...build.items import ImageRef, RawItem
 from ...build.stages import Task
+from ...errors import ItemError
+from ...imaging.files import open_release_file
+from .. import archives as safe_zip
+from ..archives import ZipLimits
 from ..base import Source
 from ..splits import hash_split
 from ..toolkit import parse_age
@@ -53,6 +57,7 @@ HEADER_TAGS = (
 ANON_MRN = re.compile(r"(\d{5,7}-\d{6})$")
 SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}
 DICOM_NAME = re.compile(r"\.(dcm|dicom)$", re.IGNORECASE)
+ZIP_LIMITS = ZipLimits()  # member size, ratio and nesting caps for study zips
 
 
 def short_hash(text: str, length: int = 20) -> str:
@@ -66,7 +71,7 @@ def patient_key(raw: str) -> str:
     return match.group(1) if match else "h" + short_hash(str(raw).strip(), 16)
 
 
-def read_header(data: bytes | Path) -> dict[str, str] | None:
+def read_header(data: bytes | Path | IO[bytes]) -> dict[str, str] | None:
     """The descriptive header fields of a DICOM (no pixels); None when it cannot be read."""
     source = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
@@ -123,11 +128,9 @@ class MidrcSource(Source):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        splits = self.pipeline.splits
-        # Neither release has a test set, so a pipeline that names no test share draws 10 %.
-        stated = "test_fraction" in self.pipeline.section("splits")
+        splits = self.pipeline.splits  # a MIDRC pipeline's test share defaults to 0.1
         self.validation_fraction = splits.validation_fraction
-        self.test_fraction = splits.test_fraction if stated else 0.1
+        self.test_fraction = splits.test_fraction
         self.salt = splits.hash_salt
 
     def split_of(self, patient: str) -> str:
@@ -197,9 +200,9 @@ class MidrcSource(Source):
                 yield Task(pos, item, error="image location unknown (not found by the scan)")
             elif not image.chain:
                 try:
-                    data = image.path.read_bytes()
-                except OSError as err:
-                    yield Task(pos, item, error=f"cannot read the DICOM file ({err.strerror})")
+                    data = read_dicom_file(image.path, self.root)
+                except ItemError as err:
+                    yield Task(pos, item, error=err.reason)
                     continue
                 yield Task(pos, item, image_bytes=data)
             else:
@@ -209,9 +212,9 @@ class MidrcSource(Source):
                 with zipfile.ZipFile(path) as archive:
                     for pos, item, image in by_zip[path]:
                         try:
-                            data = read_chain(archive, image.chain)
-                        except (zipfile.BadZipFile, KeyError, OSError, EOFError) as err:
-                            yield Task(pos, item, error=f"cannot read zip member ({err})")
+                            data = safe_zip.read_chain(archive, image.chain, ZIP_LIMITS)
+                        except safe_zip.MemberError as err:
+                            yield Task(pos, item, error=err.reason)
                             continue
                         yield Task(pos, item, image_bytes=data)
             except (zipfile.BadZipFile, OSError) as err:
@@ -219,42 +222,42 @@ class MidrcSource(Source):
                     yield Task(pos, item, error=f"study zip unreadable ({err})")
 
 
-def read_chain(archive: zipfile.ZipFile, chain: tuple[str, ...]) -> bytes:
-    """The bytes of a member of `archive`, following `chain` into nested zips (in memory)."""
-    data = archive.read(chain[0])
-    for member in chain[1:]:
-        with zipfile.ZipFile(io.BytesIO(data)) as inner:
-            data = inner.read(member)
+def read_dicom_file(path: Path, root: Path) -> bytes:
+    """A DICOM file's bytes: a regular file inside `root`, at most the zip member cap
+    (ItemError otherwise: `imaging/files.py` says why)."""
+    cap = ZIP_LIMITS.max_member_bytes
+    with open_release_file(path, root, what="DICOM file") as file:
+        data = file.read(cap + 1)
+    if len(data) > cap:
+        raise ItemError("image", f"DICOM file over the {cap // 2**20} MiB cap")
     return data
 
 
 def walk_zip(
-    archive: zipfile.ZipFile, prefix: tuple[str, ...] = (), depth: int = 0
+    archive: zipfile.ZipFile, limits: ZipLimits = ZIP_LIMITS
 ) -> Iterator[tuple[str, tuple[str, ...], Any]]:
-    """("dicom", chain, bytes) of every DICOM-looking member, nested zips searched in memory.
+    """("dicom", chain, header) of every DICOM-looking member, streamed (`sources/archives.py`):
+    no member is held in memory, nested zips are searched under the same caps.
 
     Members are DICOM when named `.dcm`/`.dicom` or, with no extension, when they carry the
-    `DICM` preamble marker. Yields ("error", chain, reason) for an unreadable nested zip.
+    `DICM` preamble marker; `header` is `read_header`'s (None when unreadable). Yields
+    ("error", chain, reason) for a member over a cap and an unreadable nested zip.
     """
-    for info in sorted(archive.infolist(), key=lambda i: i.filename):
-        if info.is_dir():
+    for entry in safe_zip.walk(archive, limits):
+        if entry.error is not None or entry.archive is None or entry.info is None:
+            yield ("error", entry.chain, entry.error)
             continue
-        name = info.filename
-        chain = (*prefix, name)
-        lower = name.lower()
-        if lower.endswith(".zip"):
-            if depth >= 8:
-                continue
-            try:
-                with zipfile.ZipFile(io.BytesIO(archive.read(name))) as inner:
-                    yield from walk_zip(inner, chain, depth + 1)
-            except (zipfile.BadZipFile, OSError, EOFError) as err:
-                yield ("error", chain, f"nested zip unreadable ({err})")
+        base = entry.chain[-1].lower().rsplit("/", 1)[-1]
+        named = DICOM_NAME.search(base) is not None
+        if not named and "." in base:
             continue
-        base = lower.rsplit("/", 1)[-1]
-        if DICOM_NAME.search(base):
-            yield ("dicom", chain, archive.read(name))
-        elif "." not in base:
-            data = archive.read(name)
-            if data[128:132] == b"DICM":
-                yield ("dicom", chain, data)
+        try:
+            with safe_zip.open_member(entry.archive, entry.info, limits) as stream:
+                if not named and stream.read(132)[128:132] != b"DICM":
+                    continue
+                stream.seek(0)
+                header = read_header(stream)
+        except safe_zip.MemberError as err:
+            yield ("error", entry.chain, err.reason)
+            continue
+        yield ("dicom", entry.chain, header)

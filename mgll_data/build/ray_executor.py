@@ -1,0 +1,179 @@
+"""The Ray executor: the same per-item stages, one Ray task per shard, on a Ray cluster or on a
+local instance it starts (`docs/architecture.md`, "Data flow").
+
+The driver (the `build` process) scans the release and plans the shards as for a local build;
+each shard's tasks travel to a Ray worker as one Ray task and its outcomes come back to the
+driver's writer, so the output is the same bytes as a local build's. Workers read image files by
+the paths the driver saw (a cluster needs the release on shared storage); images read from
+archives by the driver travel inside the task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from ..errors import UserError
+from .executors import ExecutorSpec
+from .stages import BuildContext, Outcome, Task, run_task
+
+RAY_REQUIREMENT = "ray==2.60.0"
+# A Ray task whose worker died (killed, out of memory, node lost) is run again this many times;
+# the stages are pure, so a rerun gives the same outcomes.
+MAX_RETRIES = 3
+# Archive members travel with their task: one Ray task carries at most this many image bytes.
+BATCH_BYTES = 64 * 2**20
+
+
+def require_ray() -> Any:
+    """The `ray` module, or a UserError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError(
+            f"--executor ray: Ray is not installed (pip install 'mgll[ray]', i.e. "
+            f"{RAY_REQUIREMENT})"
+        ) from None
+    return ray
+
+
+def preflight(address: str | None) -> None:
+    """Before any work: Ray is installed, and the cluster to join (`address`, else
+    RAY_ADDRESS) answers."""
+    require_ray()
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
+
+
+def shard_batches(
+    tasks: Iterable[Task], rows_per_shard: int, max_bytes: int = BATCH_BYTES
+) -> Iterator[list[Task]]:
+    """Group consecutive tasks of one shard into batches; a batch never spans two shards.
+
+    Items read from plain files arrive in shard order, so each shard is one batch. Archive
+    members arrive in archive order: their batches are runs of one shard, cut at `max_bytes` of
+    image bytes so that no Ray task carries an unbounded load.
+    """
+    batch: list[Task] = []
+    key: tuple[str, int] | None = None
+    size = 0
+    for task in tasks:
+        task_key = (task.position[0], task.position[1] // rows_per_shard)
+        task_size = len(task.image_bytes or b"")
+        if batch and (task_key != key or size + task_size > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(task)
+        key, size = task_key, size + task_size
+    if batch:
+        yield batch
+
+
+@functools.cache
+def _worker_versions() -> tuple[str, dict[str, str]]:
+    from .engine import library_versions  # the engine imports this module's caller
+
+    return socket.gethostname(), library_versions()
+
+
+def _run_batch(ctx: BuildContext, tasks: list[Task]) -> tuple[tuple[str, dict], list[Outcome]]:
+    """On a Ray worker: the stages over one batch, with the worker's host and library versions."""
+    return _worker_versions(), [run_task(task, ctx) for task in tasks]
+
+
+def run_on_ray(tasks: Iterable[Task], ctx: BuildContext, spec: ExecutorSpec) -> Iterator[Outcome]:
+    """Run `tasks` on Ray, one Ray task per shard, yielding outcomes in task order.
+
+    At most as many shards as the cluster has CPUs are in flight, so the driver holds a bounded
+    number of results however large the build.
+    """
+    ray = require_ray()
+    with _connected(ray, spec) as window:
+        remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_run_batch)
+        ctx_ref = ray.put(ctx)  # sent once, not with every task
+        _, expected = _worker_versions()
+        pending: deque[tuple[Any, Task]] = deque()
+        try:
+            for batch in shard_batches(tasks, spec.rows_per_shard):
+                pending.append((remote.remote(ctx_ref, batch), batch[0]))
+                if len(pending) >= window:
+                    yield from _collect(ray, *pending.popleft(), expected)
+            while pending:
+                yield from _collect(ray, *pending.popleft(), expected)
+        finally:
+            for ref, _ in pending:  # stopped early (--max-errors, Ctrl-C): drop queued work
+                ray.cancel(ref)
+
+
+def _collect(ray: Any, ref: Any, first: Task, expected: dict[str, str]) -> list[Outcome]:
+    """The outcomes of one Ray task, once its worker is known to have this machine's versions."""
+    try:
+        (host, versions), outcomes = ray.get(ref)
+    except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as err:
+        raise UserError(
+            f"{first.item.image.describe()}: the Ray workers building its shard died "
+            f"{MAX_RETRIES + 1} times ({type(err).__name__}); finish the build with --resume"
+        ) from None
+    differing = sorted(k for k in expected if versions.get(k) != expected[k])
+    if differing:
+        name = differing[0]
+        raise UserError(
+            f"Ray worker on {host}: {name} {versions.get(name)} where this machine has "
+            f"{expected[name]}; the output would differ from a local build (install the same "
+            "versions on every node)"
+        )
+    return outcomes
+
+
+@contextlib.contextmanager
+def _connected(ray: Any, spec: ExecutorSpec) -> Iterator[int]:
+    """Join the cluster (`spec.ray_address`, else RAY_ADDRESS) or start a local instance with
+    `spec.workers` CPUs; yield the number of shards to keep in flight (the cluster's CPUs).
+
+    A connection this process already made is used as it is and left open.
+    """
+    if ray.is_initialized():
+        yield _cpus(ray)
+        return
+    address = spec.ray_address or os.environ.get("RAY_ADDRESS")
+    quiet = {"logging_level": logging.WARNING}
+    if address:
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            hint = (
+                ""
+                if os.environ.get("RAY_AUTH_MODE")
+                else "; if it uses token authentication, set RAY_AUTH_MODE=token"
+            )
+            raise UserError(f"Ray cluster at {address}: cannot join it ({err}{hint})") from None
+    else:
+        ray.init(address="local", num_cpus=spec.workers, include_dashboard=False, **quiet)
+    try:
+        yield _cpus(ray)
+    finally:
+        ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a HOST:PORT where nothing listens: Ray itself would retry for minutes."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return  # "auto", "ray://...": Ray resolves these itself
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UserError(f"Ray cluster at {address}: nothing answers there ({reason})") from None
+
+
+def _cpus(ray: Any) -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
