@@ -428,3 +428,30 @@ def test_resume_refuses_a_changed_image_and_follows_a_moved_release(release, tmp
     Image.fromarray(pixels).save(image)
     with pytest.raises(UserError, match="other inputs, options or library versions"):
         run(moved, resume=True)
+
+
+def test_workers_die_with_a_killed_build(work):
+    """kill -9 of a `--workers 2` build leaves no worker behind: the kernel kills each one
+    (PR_SET_PDEATHSIG) instead of leaving it blocked on the task pipe."""
+    import psutil
+
+    release = write_demo_release(work / "raw-400", n=400, seed=2, image_size=64)
+    command = [sys.executable, "-m", "mgll_data", *build_args(release, work / "killed"),
+               "--workers", "2"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    parent = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        workers: list[psutil.Process] = []
+        while len(workers) < 2 and parent.poll() is None and time.time() < deadline:
+            workers = psutil.Process(parent.pid).children()
+            time.sleep(0.001)
+        os.kill(parent.pid, signal.SIGSTOP)  # mid-build: its workers are alive and waiting
+        assert len(workers) == 2 and all(w.is_running() for w in workers), workers
+    finally:
+        parent.kill()
+        parent.wait()
+    _, alive = psutil.wait_procs(workers, timeout=20)
+    for orphan in alive:  # do not leave them behind when the test fails
+        orphan.kill()
+    assert not alive, [w.pid for w in alive]

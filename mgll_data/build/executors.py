@@ -7,8 +7,12 @@ large the build, and neither changes an output byte: the writer places outcomes 
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import multiprocessing
+import os
+import signal
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -40,8 +44,23 @@ def execute(tasks: Iterable[Task], ctx: BuildContext, spec: ExecutorSpec) -> Ite
     return run_tasks(tasks, ctx, spec.workers)
 
 
-def _init_worker(ctx: BuildContext) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel kill this worker when the build process dies, even by SIGKILL, so
+    no worker is left behind blocked on its task pipe."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _init_worker(ctx: BuildContext, parent: int) -> None:
     global _worker_context
+    _die_with_parent(parent)
     _worker_context = ctx
     ctx.vocab  # load the vocabulary once per worker, not per task  # noqa: B018
 
@@ -62,7 +81,8 @@ def run_tasks(
     # fork: workers inherit the loaded modules, so they start in milliseconds.
     context = multiprocessing.get_context("fork")
     window = workers * 4
-    with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(ctx,)) as pool:
+    initargs = (ctx, os.getpid())
+    with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=initargs) as pool:
         pending: deque[Future[list[Outcome]]] = deque()
         iterator = iter(tasks)
         while chunk := list(itertools.islice(iterator, chunk_size)):
