@@ -254,3 +254,35 @@ def test_resume_refuses_a_changed_vocabulary(nih_kaggle, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "load_vocabulary", lambda domain: changed)
     with pytest.raises(UserError, match="other inputs, options"):  # mined labels could differ
         _build(nih_kaggle.root, out, limit=5, resume=True)
+
+
+def test_a_partial_duplicate_row_never_displaces_the_complete_one(tmp_path):
+    """A Data_Entry row repeated with fields blanked, placed BEFORE the complete one: the
+    complete row is built (patient, age, view kept) and the partial one is quarantined as a
+    duplicate id, whatever the order."""
+    from mgll_data.demo.nih_release import write_demo_release
+
+    raw = write_demo_release(tmp_path / "raw", n=8, seed=4, image_size=32)
+    entry = next(raw.glob("Data_Entry*.csv"))
+    header, first, *rest = entry.read_text().splitlines()
+    fields = first.split(",")
+    name, columns = fields[0], header.split(",")
+    partial = [
+        v if c in ("Image Index", "Finding Labels") else ""
+        for c, v in zip(columns, fields, strict=True)
+    ]
+    partial[columns.index("Patient ID")] = "99999"  # another patient: another split's hash
+    entry.write_text("\n".join([header, ",".join(partial), first, *rest]) + "\n")
+    out = tmp_path / "ds"
+    build(load_pipeline("chestxray14"), raw, out, BuildOptions(image_size=32, progress=False))
+    rows = {
+        r["id"]: r for p in (out / "data").glob("*.parquet") for r in pq.read_table(p).to_pylist()
+    }
+    record = rows[f"chestxray14:{name.rsplit('.', 1)[0]}"]
+    complete = dict(zip(columns, fields, strict=True))
+    assert record["patient_id"] == complete["Patient ID"].lstrip("0")
+    assert record["view"] == complete["View Position"]
+    assert record["age_years"] == pytest.approx(float(complete["Patient Age"]))
+    quarantine = (out / "_build" / "quarantine.jsonl").read_text().splitlines()
+    duplicates = [json.loads(q) for q in quarantine if "duplicate id" in q]
+    assert [q["id"] for q in duplicates] == [record["id"]]

@@ -121,7 +121,7 @@ class ChestXray14Source(Source):
         )
         result = ScanResult(items=[], notes=[note], inputs=self.input_files(), archives=archives)
         relabels = self._read_relabels(result) if self.label_mode == "google" else None
-        for row in table.to_dict("records"):
+        for row in complete_rows_first(table.to_dict("records")):
             name = row["Image Index"].strip()
             native = name.rsplit(".", 1)[0]
             item_id = f"{self.pipeline.name}:{native}"
@@ -216,7 +216,7 @@ class ChestXray14Source(Source):
             return {}
         table = read_csv_table(self.bbox_file, ("Image Index", "Finding Label", "Bbox [x"))
         boxes: dict[str, list[dict]] = {}
-        for row in table.to_dict("records"):
+        for row in complete_rows_first(table.to_dict("records")):
             label = self.box_label_map.get(row["Finding Label"].strip())
             values = [parse_finite(row.get(k)) for k in ("Bbox [x", "y", "w", "h]")]
             if label is None or any(v is None for v in values):
@@ -243,7 +243,7 @@ class ChestXray14Source(Source):
         relabels: dict[str, dict[str, float] | str] = {}
         for path in self.relabel_files:
             table = read_csv_table(path, ("Image Index", *columns))
-            for row in table.to_dict("records"):
+            for row in complete_rows_first(table.to_dict("records")):
                 cells = {target: str(row[col]).strip().upper() for col, target in columns.items()}
                 bad = {t: v for t, v in cells.items() if v not in _YES_NO}
                 relabels[row["Image Index"].strip()] = (
@@ -280,3 +280,22 @@ def apply_relabel(item: RawItem, relabel: dict[str, float]) -> None:
 def _at_root(root: Path, names: tuple[str, ...]) -> Path | None:
     """The release's tables sit at its root (`name` or `name.gz`)."""
     return find_file(root, names, max_depth=0)
+
+
+def complete_rows_first(rows: list[dict]) -> list[dict]:
+    """`rows` with each image's duplicate rows together, the most complete (most non-empty
+    fields) first, so it is the one built; the build quarantines the others as duplicate ids.
+    Rows of different images keep their order."""
+    first_seen: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        first_seen.setdefault(str(row["Image Index"]).strip(), i)
+
+    def filled(row: dict) -> int:
+        return sum(str(v).strip() not in ("", "nan", "None") for v in row.values())
+
+    order = sorted(
+        range(len(rows)),
+        key=lambda i: (first_seen[str(rows[i]["Image Index"]).strip()], -filled(rows[i]), i),
+    )
+    return [rows[i] for i in order]
+
