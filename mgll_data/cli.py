@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import phi_warnings
 from .errors import UserError
 
 
@@ -435,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     quietly with status 141 (128 + SIGPIPE), what a shell reports for any tool stopped that
     way, so a script can still tell a cut-short output from a complete one.
     """
+    phi_warnings.install()  # before any worker forks: they inherit it
     try:
         status = run(argv)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
