@@ -441,3 +441,38 @@ def test_tar_members_over_the_size_cap_are_quarantined_unread(tmp_path):
     assert tasks["big.png"].image_bytes is None
     assert tasks["small.png"].error is None and tasks["small.png"].image_bytes == bytes(700)
     assert tasks["absent.png"].error == "image found in no archive"
+
+
+def _deflated_dicom(pixel_bytes: int) -> bytes:
+    """A Deflated Explicit VR Little Endian DICOM whose pixel data is `pixel_bytes` zeros (a
+    few KB on disk however large), written by pydicom so that its header is real."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    side = int((pixel_bytes // 2) ** 0.5)
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = side, side, 16, 16, 15
+    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(side * side * 2)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    assert pydicom.dcmread(io.BytesIO(data)).Rows == side  # a valid file
+    return data
+
+
+def test_a_deflated_dicom_is_refused_before_it_inflates_past_the_cap():
+    """pydicom inflates a deflated data set whole; the reader inflates at most the cap first."""
+    from mgll_data.imaging.dicom import read_dataset
+
+    bomb = _deflated_dicom(4 * MIB)  # 4 MiB of pixels from about 4 KB on disk
+    assert len(bomb) < 64 * 1024
+    with pytest.raises(ItemError, match=r"deflated DICOM data set inflates past 1 MB"):
+        read_dataset(bomb, max_bytes=1_000_000)
+    assert read_dataset(bomb, max_bytes=8 * MIB).Rows == 1448  # within the cap: read as before

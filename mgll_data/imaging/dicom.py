@@ -38,7 +38,12 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from ..errors import ItemError
 from .raster import (
@@ -153,6 +158,33 @@ def check_dataset_pixels(ds: Dataset, limit: int) -> None:
     check_pixels(columns, rows, limit, frames)
 
 
+def check_deflated_size(data: bytes, max_bytes: int) -> None:
+    """Refuse a Deflated Explicit VR file whose data set inflates past `max_bytes` (ItemError),
+    inflating at most that much: pydicom would inflate all of it in memory, so a few MB of
+    deflated zeros would take gigabytes."""
+    if DeflatedExplicitVRLittleEndian.encode() not in data[:4096]:  # the meta group's UID
+        return
+    try:
+        stream = io.BytesIO(data)
+        pydicom.filereader.read_preamble(stream, force=True)
+        meta = pydicom.filereader._read_file_meta_info(stream)  # no public reader of a stream
+    except Exception:  # noqa: BLE001 - an unreadable header is reported by the reader itself
+        return
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(data[stream.tell() :], max_bytes + 1)
+    except zlib.error:
+        return  # corrupt: the reader says so
+    if len(inflated) > max_bytes:
+        raise ItemError(
+            "image",
+            f"deflated DICOM data set inflates past {max_bytes / 1e6:.0f} MB, more than an "
+            "image within the pixel limit needs (--max-image-pixels)",
+        )
+
+
 def read_dataset(source: str | Path | bytes | BinaryIO, max_bytes: int | None = None) -> Dataset:
     """Read a DICOM dataset from a path, bytes or a binary file (gzip transparently);
     ItemError if unreadable, or if it (gunzipped) holds more than `max_bytes`."""
@@ -182,6 +214,8 @@ def read_dataset(source: str | Path | bytes | BinaryIO, max_bytes: int | None = 
             f"DICOM holds over {max_bytes / 1e6:.0f} MB, more than an image within the pixel "
             "limit needs (--max-image-pixels)",
         )
+    if max_bytes is not None:
+        check_deflated_size(data, max_bytes)
     try:
         try:
             ds = pydicom.dcmread(io.BytesIO(data))
