@@ -370,3 +370,32 @@ def test_merge_keeps_masks_and_refuses_mixing_with_builds_without(siim, rsna, pl
     )
     with pytest.raises(UserError, match="optional_columns differs"):
         merge([siim[2], plain], tmp_path / "mixed")
+
+
+def test_exports_keep_the_masks(siim, tmp_path):
+    """webdataset carries each row's mask bytes as `{key}.mask.png`; mgll-json's npz holds the
+    decoded mask beside the image. Nothing of the optional column is dropped."""
+    import tarfile
+
+    from mgll_data.publish.export import export, sample_key
+
+    out = siim[2]
+    rows = {sample_key(r["id"]): r for r in _rows(out)}
+    export(out, "webdataset", tmp_path / "wds")
+    members = {}
+    for tar_path in sorted((tmp_path / "wds").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    assert {k: members[f"{k}.mask.png"] for k in rows} == {
+        k: r["mask"]["bytes"] for k, r in rows.items()
+    }
+
+    export(out, "mgll-json", tmp_path / "npz")
+    npz_files = sorted((tmp_path / "npz" / "All_data_npz").rglob("*.npz"))
+    assert len(npz_files) == len(rows)
+    by_uid = {r["id"].split(":", 1)[1]: r for r in rows.values()}
+    for path in npz_files:
+        with np.load(path, allow_pickle=False) as arrays:
+            row = by_uid[path.stem]
+            np.testing.assert_array_equal(arrays["mask"], _png(row["mask"]))
+            np.testing.assert_array_equal(arrays["image"], _png(row["image"]))

@@ -1,18 +1,20 @@
 """`export`: a built (or merged) dataset as webdataset tar shards or the reference MGLL layout.
 
 webdataset: `{split}-%06d.tar` holding, per row, `{key}.json` (id, split, source, labels by
-name, positive labels, the three texts), `{key}.png` (or `.jpg`: the stored bytes, unchanged)
-and `{key}.txt` (the description text: what open_clip's `--dataset-type webdataset` reads as
-the caption). Keys are the ids with every character outside `[A-Za-z0-9_-]` replaced by `_`
-(webdataset splits a member name at its first dot). Tars are written deterministically: rows in
-dataset order, members of one sample sorted by extension, mtime 0, uid/gid 0, no user names.
+name, positive labels, the three texts), `{key}.png` (or `.jpg`: the stored bytes, unchanged),
+`{key}.mask.png` in builds with a mask column, and `{key}.txt` (the description text: what
+open_clip's `--dataset-type webdataset` reads as the caption). Keys are the ids with every
+character outside `[A-Za-z0-9_-]` replaced by `_` (webdataset splits a member name at its first
+dot). Tars are written deterministically: rows in dataset order, members of one sample sorted by
+extension, mtime 0, uid/gid 0, no user names.
 
 mgll-json: the layout of the reference MGLL code (`util/datasets.py`): `All_data_npz/<source>/
-<name>.npz` holding key `image` (uint8 array), JSON lists `json/<list>_<split>.json` of records
-with `ImageID` (`/All_data/<source>/<name>.png`: the code drops the first 9 characters and maps
-it to the npz), `Disease` (granularity 1), `Description` (2), `Explanation` (3), `Keyword`,
-`labels`; and `<list>_train.txt` / `<list>_val.txt` (/ `_test.txt`) whose lines are those JSON
-paths, starting with `/` as the code concatenates them onto its data dir.
+<name>.npz` holding key `image` (uint8 array; and `mask` in builds with masks), JSON lists
+`json/<list>_<split>.json` of records with `ImageID` (`/All_data/<source>/<name>.png`: the code
+drops the first 9 characters and maps it to the npz), `Disease` (granularity 1), `Description`
+(2), `Explanation` (3), `Keyword`, `labels`; and `<list>_train.txt` / `<list>_val.txt` (/
+`_test.txt`) whose lines are those JSON paths, starting with `/` as the code concatenates them
+onto its data dir.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import pyarrow.parquet as pq
 
 from ..build.lock import LOCK_NAME, folder_lock
 from ..errors import UserError
-from ..record import SPLITS
+from ..record import MASK_COLUMN, SPLITS
 from ..safe_names import safe_path_component
 from .hub import read_manifest
 from .inspect import read_card_header, verify_shards
@@ -210,6 +212,8 @@ def _webdataset(
                 _image_ext(row): row["image"]["bytes"],
                 "txt": row["text_description"].encode(),
             }
+            if row.get(MASK_COLUMN):  # an optional column: exported where the build has it
+                members["mask.png"] = row[MASK_COLUMN]["bytes"]
             for ext in sorted(members):
                 _add(tar, f"{key}.{ext}", members[ext])
             count += 1
@@ -219,15 +223,17 @@ def _webdataset(
     return lines
 
 
-def _npz_bytes(array: np.ndarray) -> bytes:
-    """An .npz (zip of `image.npy`) with fixed timestamps, so exports are reproducible."""
-    npy = io.BytesIO()
-    np.lib.format.write_array(npy, np.ascontiguousarray(array), allow_pickle=False)
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An .npz (a zip of `<key>.npy` per array) with fixed timestamps, so exports are
+    reproducible."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as z:
-        info = zipfile.ZipInfo("image.npy", date_time=_ZIP_TIME)
-        info.compress_type = zipfile.ZIP_DEFLATED
-        z.writestr(info, npy.getvalue())
+        for key, array in arrays.items():
+            npy = io.BytesIO()
+            np.lib.format.write_array(npy, np.ascontiguousarray(array), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(info, npy.getvalue())
     return buffer.getvalue()
 
 
@@ -252,8 +258,12 @@ def _mgll_json(
             source, stem = names[row["id"]].split("/")
             npz = dest / "All_data_npz" / source / f"{stem}.npz"
             npz.parent.mkdir(parents=True, exist_ok=True)
-            with Image.open(io.BytesIO(row["image"]["bytes"])) as image:
-                npz.write_bytes(_npz_bytes(np.asarray(image)))
+            arrays = {}
+            for key, column in (("image", "image"), ("mask", MASK_COLUMN)):
+                if row.get(column):
+                    with Image.open(io.BytesIO(row[column]["bytes"])) as image:
+                        arrays[key] = np.asarray(image)
+            npz.write_bytes(_npz_bytes(arrays))
             records.append(
                 {
                     "ImageID": f"/All_data/{source}/{stem}.png",
