@@ -298,4 +298,3 @@ def complete_rows_first(rows: list[dict]) -> list[dict]:
         key=lambda i: (first_seen[str(rows[i]["Image Index"]).strip()], -filled(rows[i]), i),
     )
     return [rows[i] for i in order]
-
