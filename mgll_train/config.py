@@ -16,7 +16,15 @@ import yaml
 
 from mgll_data.record import GRANULARITIES
 
-from .choices import TEXT_SAMPLINGS, UNCERTAIN_POLICIES, UNMENTIONED_POLICIES
+from .choices import (
+    DENSE_LOSS_NAMES,
+    LOSS_NAMES,
+    POINTWISE_TARGETS,
+    SOFT_TARGETS,
+    TEXT_SAMPLINGS,
+    UNCERTAIN_POLICIES,
+    UNMENTIONED_POLICIES,
+)
 from .errors import UserError
 from .reporting import REPORT_CHOICES
 
@@ -201,7 +209,7 @@ def _model_arguments(model: argparse._ArgumentGroup) -> None:
 def _loss_arguments(loss: argparse._ArgumentGroup) -> None:
     loss.add_argument(
         "--loss",
-        choices=("mgll", "clip", "mgll-official", "mgca", "g2d"),
+        choices=LOSS_NAMES,
         default="mgll",
         help="mgll: soft multi-label targets, a point-wise term and a cross-granularity KL; "
         "clip: the CLIP baseline on the same texts; mgll-official: the reference code's "
@@ -210,14 +218,14 @@ def _loss_arguments(loss: argparse._ArgumentGroup) -> None:
     )
     loss.add_argument(
         "--soft-target",
-        choices=("jaccard", "overlap", "exact"),
+        choices=SOFT_TARGETS,
         default="jaccard",
         help="category targets of two images: jaccard: |shared positive labels| / |all "
         "positive labels|; overlap: 1 when they share one; exact: 1 when the texts are equal",
     )
     loss.add_argument(
         "--pointwise-target",
-        choices=("binary", "graded"),
+        choices=POINTWISE_TARGETS,
         default="binary",
         help="point-wise term's target of a pair: binary: 1 when the soft target is > 0; "
         "graded: the soft target itself",
@@ -245,7 +253,7 @@ def _token_loss_arguments(loss: argparse._ArgumentGroup) -> None:
     """Flags of the token-level objectives (--loss mgca, g2d; --dense-loss g2d)."""
     loss.add_argument(
         "--dense-loss",
-        choices=("none", "g2d"),
+        choices=DENSE_LOSS_NAMES,
         default="none",
         help="a dense task added to --loss: g2d: G2D's pseudo-segmentation of the image tower's "
         "attention (e.g. --loss mgll --dense-loss g2d); none: no dense task",

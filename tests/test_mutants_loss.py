@@ -415,6 +415,19 @@ def test_create_loss_passes_every_fit_flag_to_the_objective():
         assert loss.gather_with_grad is True and loss.local_loss is True
 
 
+def test_the_parsers_loss_names_are_the_factorys_objectives():
+    """`mgll-train fit` offers (without importing torch) exactly the objectives the factory
+    builds, and the target choices the losses accept."""
+    from mgll_train import choices
+    from mgll_train.losses.factory import DENSE_LOSSES, LOSSES
+
+    assert sorted(choices.LOSS_NAMES) == sorted(LOSSES)
+    assert choices.DENSE_LOSS_NAMES == DENSE_LOSSES
+    for soft_target in choices.SOFT_TARGETS:
+        for pointwise_target in choices.POINTWISE_TARGETS:
+            MGLLLoss(soft_target=soft_target, pointwise_target=pointwise_target)
+
+
 def test_official_mode_through_mgll_loss_keeps_its_weights():
     """``MGLLLoss(mode="mgll-official", weights=...)`` weights the reference's terms."""
     img, txt = _features(4, 2, 12)

@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 
 from mgll_data.record import text_hash
+from mgll_train.choices import POINTWISE_TARGETS, SOFT_TARGETS
 from mgll_train.distributed import gather_features
 
 __all__ = [
@@ -45,12 +46,8 @@ __all__ = [
     "text_ids_for",
 ]
 
-SoftTarget = Literal["jaccard", "overlap", "exact"]
 LabelTarget = Literal["jaccard", "overlap"]
-PointwiseTarget = Literal["binary", "graded"]
-SOFT_TARGETS = ("jaccard", "overlap", "exact")
 LABEL_TARGETS = ("jaccard", "overlap")
-POINTWISE_TARGETS = ("binary", "graded")
 # warn(key, message): the loss's once-per-instance warning.
 Warn = Callable[[str, str], None]
 

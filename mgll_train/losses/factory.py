@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mgll_train.choices import DENSE_LOSS_NAMES
 from mgll_train.errors import UserError
 
 from .base import MultiGranularLoss
@@ -21,7 +22,7 @@ LOSSES: dict[str, type[MultiGranularLoss]] = {
     cls.name: cls for cls in (MGLLLoss, ClipLoss, OfficialMGLLLoss, MGCALoss, G2DLoss)
 }
 #: The dense tasks ``--dense-loss`` adds to a global objective.
-DENSE_LOSSES = ("none", "g2d")
+DENSE_LOSSES = DENSE_LOSS_NAMES
 
 
 def loss_class(name: str) -> type[MultiGranularLoss]:

@@ -39,12 +39,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from mgll_train.choices import PointwiseTarget, SoftTarget
+
 from .base import MultiGranularLoss
 from .clip import ClipLoss
 from .common import (
     LossInputs,
-    PointwiseTarget,
-    SoftTarget,
     check_target_options,
     cooccurrence_targets,
     loss_terms,
