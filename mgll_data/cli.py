@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import phi_warnings
 from .errors import UserError
+from .storage import is_url, parse_location, parse_storage_options, scrub
 
 
 def _positive_int(text: str) -> int:
@@ -34,8 +35,22 @@ def _parser() -> argparse.ArgumentParser:
         description="Build PIPELINE's dataset from the raw release at --root.",
     )
     build.add_argument("pipeline", help="pipeline name (see `list`) or path to a pipeline YAML")
-    _add_build_options(build)
-    build.add_argument("--root", required=True, type=Path, help="folder of the raw release")
+    _add_build_options(build, remote=True)
+    build.add_argument(
+        "--root",
+        required=True,
+        type=parse_location,
+        help="folder of the raw release, or its URL on object storage (s3://BUCKET/PREFIX, "
+        "gs://..., hf://datasets/ORG/NAME/...; pip install 'mgll[cloud]' for s3 and gs)",
+    )
+    build.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        default=None,
+        help="fsspec options for an --root or --out URL, as a JSON object, e.g. "
+        '\'{"requester_pays": true}\' or \'{"client_kwargs": {"endpoint_url": "http://..."}}\'; '
+        "credentials come from the environment or the usual config files (default: none)",
+    )
     build.add_argument(
         "--executor",
         choices=("local", "ray"),
@@ -196,10 +211,22 @@ def _add_hub_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_build_options(parser: argparse.ArgumentParser, disposable: bool = False) -> None:
+def _add_build_options(
+    parser: argparse.ArgumentParser, disposable: bool = False, remote: bool = False
+) -> None:
     """The flags every build takes. A `disposable` build (the demo) always replaces its output
-    and never quarantines, so it has no --overwrite or --max-errors."""
-    parser.add_argument("--out", required=True, type=Path, help="output dataset folder")
+    and never quarantines, so it has no --overwrite or --max-errors; a `remote` one (`build`)
+    may write to object storage."""
+    if remote:
+        parser.add_argument(
+            "--out",
+            required=True,
+            type=parse_location,
+            help="output dataset folder, or a URL on object storage (s3://BUCKET/PREFIX, ...): "
+            "built in a local staging folder, each finished file uploaded",
+        )
+    else:
+        parser.add_argument("--out", required=True, type=Path, help="output dataset folder")
     parser.add_argument(
         "--image-size",
         type=_positive_int,
@@ -262,6 +289,7 @@ def _build_options(args: argparse.Namespace):
         max_errors=getattr(args, "max_errors", None),
         progress=False if args.no_progress else None,
         crop_borders=getattr(args, "crop_borders", None),
+        storage_options=parse_storage_options(getattr(args, "storage_options", None)),
         source_options=tuple(
             (key, str(getattr(args, key)))
             for key in ("images", "views", "labels", "section_rules")
@@ -338,6 +366,8 @@ def _build(args: argparse.Namespace) -> int:
         from .build.ray_executor import preflight
 
         preflight(args.ray_address)
+    if args.push_to_hub and is_url(args.out):
+        raise UserError(f"{args.out}: --push-to-hub needs a local --out (push reads a folder)")
     summary = build(load_pipeline(args.pipeline), args.root, args.out, _build_options(args))
     print("\n".join(summary.lines()))
     if args.push_to_hub:
@@ -443,7 +473,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except BrokenPipeError:
         status = closed_stdout_status()
     except UserError as err:
-        print(f"mgll-build-dataset: error: {err}", file=sys.stderr)
+        # A URL's embedded credentials never reach the terminal or a log.
+        print(f"mgll-build-dataset: error: {scrub(str(err))}", file=sys.stderr)
         status = 2
     except KeyboardInterrupt:
         print("mgll-build-dataset: interrupted (finish later with --resume)", file=sys.stderr)

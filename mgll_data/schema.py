@@ -14,14 +14,16 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import yaml
-from datasets import Features, Image, List, Value
 
 from .record import LABEL_VALUES, MGLL_METADATA_KEY, OPTIONAL_COLUMNS_KEY
 from .resources import resource_dir
+
+if TYPE_CHECKING:  # `datasets` costs ~0.75 s to import: Ray workers and scans never need it
+    from datasets import Features
 
 # The declaration's file keeps its name across versions: its `schema_version` line is the version.
 DECLARATION_FILE = "record.yaml"
@@ -60,9 +62,13 @@ class RecordSchema:
 
     def features(self) -> Features:
         """The Hugging Face `Features` of a record."""
+        from datasets import Features
+
         return Features({c.name: self._feature(c) for c in self.columns})
 
     def _feature(self, column: Column) -> Any:
+        from datasets import Image, List, Value
+
         scalar = {"string": Value("string"), "int32": Value("int32"), "float32": Value("float32")}
         if column.type == "image":
             return Image()

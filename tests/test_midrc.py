@@ -76,10 +76,10 @@ def commons(tmp_path_factory):
 
 
 def test_vocabulary_appends_midrc_labels_after_the_original_21():
-    assert VOCAB.version == "1.2.0" and len(VOCAB) == 29
+    assert VOCAB.version == "1.3.0" and len(VOCAB) == 30
     assert VOCAB.names[0] == "No Finding" and VOCAB.names[20] == "Pleural Thickening"
-    assert VOCAB.names[21:] == ["COVID-19", *APPEARANCE, *GRADE]
-    for name in VOCAB.names[21:]:
+    assert VOCAB.names[21:29] == ["COVID-19", *APPEARANCE, *GRADE]
+    for name in VOCAB.names[21:29]:
         label = VOCAB.label(name)
         assert label.explanation and label.positive_prompts and label.negative_prompts
 
@@ -144,7 +144,7 @@ def test_ricord_rows_labels_texts_and_quarantine(ricord):
     ]
     shard = sorted((out / "data").glob("*.parquet"))[0]
     block = read_mgll_metadata(pq.read_schema(shard), shard)
-    assert block["vocab_version"] == "1.2.0"
+    assert block["vocab_version"] == "1.3.0"
     assert block["annotated_labels"] == ["COVID-19", *APPEARANCE, *GRADE]
     assert (
         "noncommercial" in (out / "README.md").read_text()

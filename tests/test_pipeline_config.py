@@ -92,7 +92,7 @@ def test_the_cli_prints_a_bad_setting_as_one_line(tmp_path, capsys):
 # The keys of `labels:` as the refusal lists them (every source's keys; each reads its own).
 LABEL_KEYS = (
     "['box_frame', 'box_map', 'covid19_all_positive', 'covid_window_days', 'dme', 'grading', "
-    "'groups', 'keywords', 'map', 'missing', 'normal_keywords', 'not_fundus_keywords', "
+    "'groups', 'keywords', 'map', 'method', 'missing', 'normal_keywords', 'not_fundus_keywords', "
     "'patient_flags', 'quality_keywords', 'reader_policy', 'relabels', 'text_model', "
     "'text_sections', 'unannotated', 'unknown_keyword_label', 'unrelabelled', "
     "'zero_shot_labels', 'zero_shot_mode', 'zero_shot_others', 'zero_shot_per_label', "

@@ -268,7 +268,7 @@ def test_archives_on_a_local_instance_of_one_worker_the_build_starts_and_stops(
 # -- a worker dies mid-build -------------------------------------------------------------------
 
 DRIVER = """
-import os, signal, sys
+import os, signal, sys, time
 from pathlib import Path
 import ray
 address, root, out, fault, marker, victim = sys.argv[1:7]
@@ -294,7 +294,27 @@ def stale_mgll():
     import mgll_data
     mgll_data.__version__ = "0.0.0+stale"
 
-hook = {"kill": kill_once, "stale": stale_mgll}[fault]
+def gate():
+    '''In every worker: the task of the first shard waits for one of the third shard to run
+    (the marker file), giving up after a minute (the marker's ".timeout" file).'''
+    import mgll_data.build.ray_executor as executor
+    run_task = executor.run_task
+    first, third = victim.split(",")
+
+    def gated(task, ctx):
+        if task.item.id == first:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(marker) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not os.path.exists(marker):
+                open(f"{marker}.timeout", "w").close()
+        elif task.item.id == third:
+            open(marker, "w").close()
+        return run_task(task, ctx)
+
+    executor.run_task = gated
+
+hook = {"kill": kill_once, "stale": stale_mgll, "gate": gate}[fault]
 ray.init(address=address, runtime_env={"worker_process_setup_hook": hook})
 from mgll_data.build.engine import BuildOptions, build
 from mgll_data.build.pipeline import load_pipeline
@@ -356,17 +376,21 @@ def _tasks(nih: NihFixture, rows_per_shard: int) -> list[Task]:
     return list(source.tasks(_planned(plans), scan.archives))
 
 
-def test_at_most_as_many_shards_in_flight_as_the_cluster_has_cpus(nih, connected):
-    """The driver pulls tasks only as results come back: with two CPUs, when the first outcome
-    arrives it has read two shards' tasks and the first task of the third."""
+def test_the_driver_holds_a_bounded_window_of_shards(nih, connected):
+    """The driver pulls tasks only as results are handed on. With two CPUs at most four shards
+    are submitted and not yet handed on (two running, two finished early), so whenever an
+    outcome comes out it has read at most five shards' tasks (that outcome's shard too) and
+    the first task of the next beyond the outcomes already out: memory stays flat."""
     from mgll_data.build.engine import _context
     from mgll_data.vocab import load_vocabulary
 
+    rows = 2
     pipeline = load_pipeline("chestxray14")
-    options = BuildOptions(image_size=32, rows_per_shard=4)
+    options = BuildOptions(image_size=32, rows_per_shard=rows)
     ctx = _context(pipeline, load_vocabulary(pipeline.domain), options, nih.root)
-    tasks = _tasks(nih, rows_per_shard=4)
-    assert len(tasks) > 6 * 4
+    tasks = _tasks(nih, rows_per_shard=rows)
+    bound = (2 * 2 + 1) * rows + 1
+    assert len(tasks) > 3 * bound
     pulled: list[int] = []
 
     def counted() -> Iterator[Task]:
@@ -374,14 +398,37 @@ def test_at_most_as_many_shards_in_flight_as_the_cluster_has_cpus(nih, connected
             pulled.append(1)
             yield task
 
-    seen = [(len(pulled), o) for o in run_on_ray(counted(), ctx, ExecutorSpec("ray", 2, None, 4))]
-    assert seen[0][0] <= 2 * 4 + 1
+    spec = ExecutorSpec("ray", 2, None, rows)
+    seen = [(len(pulled), o) for o in run_on_ray(counted(), ctx, spec)]
+    assert max(read - out for out, (read, _) in enumerate(seen)) <= bound
     local = list(run_tasks(tasks, ctx, workers=1))
     assert [o.position for _, o in seen] == [o.position for o in local]
     # repr: labels hold NaN, which never equals itself
     assert [repr((o.record, o.quarantine)) for _, o in seen] == [
         repr((o.record, o.quarantine)) for o in local
     ]
+
+
+def test_a_slow_shard_does_not_idle_the_other_cpus(nih, nih_local, cluster, ray_tmp, work):
+    """While the driver waits for the first shard (its outcomes are written first), the CPU
+    that finished the second shard goes on to the third: the first shard's task here waits
+    until a task of the third has run, which needs that third shard submitted meanwhile."""
+    address, _ = cluster
+    out = work / "nih-gated"
+    marker = work / "gate-marker"
+    firsts = [
+        pq.read_table(nih_local / "data" / f"train-0000{k}-of-00005.parquet", columns=["id"])
+        for k in (0, 2)
+    ]
+    ids = ",".join(table["id"][0].as_py() for table in firsts)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, address, nih.root, out, "gate", marker, ids],
+        cwd=REPO, env=_env(ray_tmp / "none"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert marker.exists()  # the third shard ran
+    assert not Path(f"{marker}.timeout").exists()  # before the first shard's task gave up
+    assert_same_build(out, nih_local)
 
 
 def test_a_batch_never_spans_two_shards_and_archive_runs_are_capped():

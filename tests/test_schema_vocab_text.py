@@ -42,10 +42,13 @@ def _labels(**values: float) -> list[float]:
 def test_vocabulary_is_the_union_of_chexpert_and_nih():
     assert VOCAB.names[:14] == CHEXPERT
     nih = load_pipeline("chestxray14").raw["labels"]["map"].values()
-    assert set(nih) <= set(VOCAB.names[:21]) and len(VOCAB) == 29
+    assert set(nih) <= set(VOCAB.names[:21]) and len(VOCAB) == 30
     # 1.1.0 appended the MIDRC labels after the 21, so the original positions never move.
     assert VOCAB.names[20] == "Pleural Thickening" and VOCAB.names[21] == "COVID-19"
-    reader_classes = VOCAB.names[22:]  # RICORD reader classes/grades: asserted, never text-mined
+    # RICORD reader classes/grades (1.1.0) and Object-CXR's Foreign Object (1.3.0): asserted by
+    # readers, never text-mined
+    reader_classes = VOCAB.names[22:]
+    assert VOCAB.names[29] == "Foreign Object"
     assert VOCAB.ancestors("Cardiomegaly") == ["Enlarged Cardiomediastinum"]
     assert VOCAB.ancestors("Nodule") == ["Lung Lesion", "Lung Opacity"]
     for label in VOCAB.labels:
@@ -57,9 +60,9 @@ def test_schema_derivations_agree():
     schema = record_schema(len(VOCAB))
     features = schema.features()
     assert isinstance(features["image"], Image)
-    assert features["labels"].length == 29 and features["width"] == Value("int32")
+    assert features["labels"].length == 30 and features["width"] == Value("int32")
     arrow = schema.arrow_schema({"label_names": VOCAB.names})
-    assert arrow.field("labels").type == pa.list_(pa.float32(), 29)
+    assert arrow.field("labels").type == pa.list_(pa.float32(), 30)
     assert not arrow.field("id").nullable and arrow.field("view").nullable
     assert b"huggingface" in arrow.metadata and b"mgll" in arrow.metadata
     assert [f["name"] for f in schema.card_features()] == schema.names

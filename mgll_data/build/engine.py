@@ -7,36 +7,34 @@ and every JSON file has sorted keys. Timestamps live only in the manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import platform
 import shutil
 import time
-import zlib
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 from tqdm import tqdm
 
-from .. import __version__
 from ..errors import UserError
 from ..imaging.raster import DEFAULT_MAX_PIXELS, ImagePolicy
 from ..publish.card import write_card
 from ..record import OPTIONAL_COLUMNS_KEY, SPLITS
 from ..schema import dumps_sorted, schema_of_block, schema_version
 from ..sources import make_source
-from ..sources.base import ScanResult
+from ..storage import Location, is_url, release_root
 from ..vocab import Vocabulary, load_vocabulary
 from .executors import ExecutorSpec, execute
+from .fingerprint import file_stamps, library_versions
+from .fingerprint import fingerprint as _fingerprint
 from .items import QuarantineEntry, RawItem
 from .lock import folder_lock
 from .pipeline import Pipeline
+from .remote_output import RemoteOutput, staged_output
 from .stages import BuildContext, Task
 from .writer import ShardPlan, ShardStats, ShardWriter, file_sha256, write_json
 
@@ -62,6 +60,8 @@ class BuildOptions:
     # Where the stages run (executors.py); output and fingerprint are the same on either.
     executor: str = "local"
     ray_address: str | None = None
+    # fsspec options for a release or output on object storage; never printed or written.
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def fingerprint_options(self) -> dict[str, Any]:
         return {
@@ -83,7 +83,7 @@ class BuildOptions:
 class BuildSummary:
     """What a build produced."""
 
-    out: Path
+    out: Location  # a folder, or the URL of a build on object storage
     rows: dict[str, int]
     quarantined: int
     reasons: Counter
@@ -105,28 +105,10 @@ class BuildSummary:
         if self.quarantined:
             out.append(
                 f"quarantined {self.quarantined} items "
-                f"(see {self.out / '_build' / 'quarantine.jsonl'}):"
+                f"(see {str(self.out).rstrip('/')}/_build/quarantine.jsonl):"
             )
             out += [f"  {n} x {reason}" for reason, n in self.reasons.most_common(10)]
         return out
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of everything that shapes output bytes."""
-    import datasets
-    import numpy
-    import PIL
-    import pyarrow
-
-    return {
-        "mgll": __version__,
-        "python": platform.python_version(),
-        "numpy": numpy.__version__,
-        "pyarrow": pyarrow.__version__,
-        "pillow": PIL.__version__,
-        "datasets": datasets.__version__,
-        "zlib": zlib.ZLIB_RUNTIME_VERSION,  # the stored PNGs are compressed by Python's zlib
-    }
 
 
 def plan_shards(items: list[RawItem], rows_per_shard: int) -> list[tuple[ShardPlan, list[RawItem]]]:
@@ -143,65 +125,6 @@ def plan_shards(items: list[RawItem], rows_per_shard: int) -> list[tuple[ShardPl
     return plans
 
 
-def _fingerprint(
-    pipeline: Pipeline,
-    vocab: Vocabulary,
-    options: BuildOptions,
-    scan: ScanResult,
-    items: list[RawItem],
-    root: Path,
-) -> str:
-    """What `--resume` compares: configuration, versions, metadata files, and every image file.
-
-    Image files count by size and mtime (a stat, not a read: cheap on any release size, see
-    benchmarks/fingerprint_cost.py); paths count relative to `root`, so a moved release resumes.
-    """
-    digest = hashlib.sha256()
-    digest.update(dumps_sorted(pipeline.raw).encode())
-    # the whole vocabulary: its mentions and triggers shape text-mined labels and texts
-    digest.update(dumps_sorted(vocab.raw).encode())
-    digest.update(dumps_sorted(options.fingerprint_options()).encode())
-    digest.update(dumps_sorted(library_versions()).encode())
-    for path in scan.inputs:
-        digest.update(f"{path.name}:{file_sha256(path)}\n".encode())
-    stamps = _FileStamps(root)
-    for archive in scan.archives:
-        digest.update(f"{stamps.relative(str(archive))}:{stamps.of(str(archive))}\n".encode())
-    for item in items:
-        where = stamps.relative(item.image.describe())
-        digest.update(
-            f"{item.id}\t{item.split}\t{where}\t{stamps.of(_image_file(item))}\n".encode()
-        )
-    return digest.hexdigest()
-
-
-def _image_file(item: RawItem) -> str:
-    """The file that holds an item's image bytes (a source may keep it in `location.path`)."""
-    location = getattr(item.location, "path", None)
-    return str(location if location is not None else item.image.path)
-
-
-class _FileStamps:
-    """Size and mtime of files, each stat'ed once, and paths relative to the release root."""
-
-    def __init__(self, root: Path):
-        self.root = os.path.abspath(root) + os.sep
-        self._seen: dict[str, str] = {}
-
-    def of(self, path: str) -> str:
-        if path not in self._seen:
-            try:
-                stat = os.stat(path)
-                self._seen[path] = f"{stat.st_size}:{stat.st_mtime_ns}"
-            except OSError:  # missing, or a pattern (archive members): the stage quarantines it
-                self._seen[path] = "-"
-        return self._seen[path]
-
-    def relative(self, path: str) -> str:
-        absolute = os.path.abspath(path)
-        return absolute[len(self.root) :] if absolute.startswith(self.root) else path
-
-
 class OutputDir:
     """The build directory: `data/`, `README.md`, and `_build/` (manifest, quarantine, state)."""
 
@@ -213,6 +136,8 @@ class OutputDir:
         self.shard_state = self.build / "shards"
         self.manifest = self.build / "manifest.json"
         self.quarantine = self.build / "quarantine.jsonl"
+        # Called with each output file once it is final (a build on object storage uploads it).
+        self.publish: Callable[[Path], None] = lambda path: None
 
     def prepare(self, fingerprint: str, resume: bool, overwrite: bool) -> dict[str, ShardStats]:
         """Make the directory ready; return the finished shards a resumed build may keep."""
@@ -259,21 +184,39 @@ class OutputDir:
                 state.unlink()
 
     def save_shard(self, stats: ShardStats) -> None:
-        write_json(self.shard_state / f"{stats.name}.json", stats.to_json())
+        state = self.shard_state / f"{stats.name}.json"
+        write_json(state, stats.to_json())
+        self.publish(self.data / stats.name)
+        self.publish(state)
 
 
-def build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> BuildSummary:
+def build(pipeline: Pipeline, root: Location, out: Location, options: BuildOptions) -> BuildSummary:
     """Build the dataset of `pipeline` from the raw release at `root` into `out`.
 
-    The whole build holds `out`'s lock: a second command writing or reading `out` is refused.
+    Either may be a URL on object storage (`s3://`, `gs://`, `hf://`, ...). A local `out` is
+    held locked for the whole build: a second command writing or reading it is refused.
     """
+    if is_url(out):
+        resume, overwrite = options.resume, options.overwrite
+        with staged_output(
+            str(out), options.storage_options, resume=resume, overwrite=overwrite
+        ) as remote:
+            summary = _build(pipeline, root, remote.staging, options, remote)
+        return replace(summary, out=remote.url)
     with folder_lock(out):
-        return _build(pipeline, root, out, options)
+        return _build(pipeline, root, Path(out), options)
 
 
-def _build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> BuildSummary:
+def _build(
+    pipeline: Pipeline,
+    root: Location,
+    out: Path,
+    options: BuildOptions,
+    remote: RemoteOutput | None = None,
+) -> BuildSummary:
     started = time.time()
     vocab = load_vocabulary(pipeline.domain)
+    root = release_root(root, options.storage_options)
     source = make_source(pipeline, root, vocab, dict(options.source_options))
     scan = source.scan()
     items, duplicates = _dedupe(sorted(scan.items, key=lambda i: i.id))
@@ -283,33 +226,21 @@ def _build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> 
     fingerprint = _fingerprint(pipeline, vocab, options, scan, items, root)
 
     output = OutputDir(out)
+    if remote is not None:
+        output.publish = remote.upload
     finished = output.prepare(fingerprint, options.resume, options.overwrite)
     planned_names = {plan.name for plan, _ in plans}
     output.remove_stale(planned_names)
     finished = {name: s for name, s in finished.items() if name in planned_names}
-    manifest: dict[str, Any] = {
-        "complete": False,
-        "fingerprint": fingerprint,
-        "pipeline": pipeline.name,
-        "config": pipeline.raw,
-        "options": options.fingerprint_options(),
-        "versions": library_versions(),
-        "started_at": _now(),
-    }
-    write_json(output.manifest, manifest)
+    manifest = _start_manifest(output, fingerprint, pipeline, options)
 
-    mgll_block = {
-        "schema_version": schema_version(),
-        "domain": vocab.domain,
-        "vocab_version": vocab.version,
-        "label_names": vocab.names,
-        "annotated_labels": source.annotated_labels(),
-    }
-    if source.OPTIONAL_COLUMNS:  # absent otherwise: builds without them keep their bytes
-        mgll_block[OPTIONAL_COLUMNS_KEY] = list(source.OPTIONAL_COLUMNS)
+    mgll_block = _mgll_block(vocab, source.annotated_labels(), source.OPTIONAL_COLUMNS)
     todo = [(plan, chunk) for plan, chunk in plans if plan.name not in finished]
-    early = scan.quarantine + duplicates
-    run = _ShardRun(output, schema_of_block(mgll_block).arrow_schema(mgll_block), options, pipeline)
+    # Quarantine paths are relative to the release root: the output names no local folder or URL.
+    relative = file_stamps(root).relative
+    early = [_relative_entry(q, relative) for q in scan.quarantine + duplicates]
+    arrow_schema = schema_of_block(mgll_block).arrow_schema(mgll_block)
+    run = _ShardRun(output, arrow_schema, options, pipeline, relative)
     tasks = source.tasks(_planned(todo), scan.archives)
     ctx = _context(pipeline, vocab, options, root, tuple(source.OPTIONAL_COLUMNS))
     stats = run.write(tasks, todo, early, finished, ctx)
@@ -334,6 +265,8 @@ def _build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> 
         notes=scan.notes,
     )
     write_json(output.manifest, manifest)
+    if remote is not None:
+        remote.finish(output.manifest)
     return BuildSummary(
         out=out,
         rows=rows,
@@ -344,6 +277,46 @@ def _build(pipeline: Pipeline, root: Path, out: Path, options: BuildOptions) -> 
         seconds=time.time() - started,
         notes=scan.notes,
     )
+
+
+def _start_manifest(
+    output: OutputDir, fingerprint: str, pipeline: Pipeline, options: BuildOptions
+) -> dict[str, Any]:
+    """Write (and publish) the manifest of a build under way; return it for completion."""
+    manifest: dict[str, Any] = {
+        "complete": False,
+        "fingerprint": fingerprint,
+        "pipeline": pipeline.name,
+        "config": pipeline.raw,
+        "options": options.fingerprint_options(),
+        "versions": library_versions(),
+        "started_at": _now(),
+    }
+    write_json(output.manifest, manifest)
+    output.publish(output.manifest)
+    return manifest
+
+
+def _mgll_block(
+    vocab: Vocabulary, annotated: list[str], optional_columns: tuple[str, ...]
+) -> dict[str, Any]:
+    """The `mgll` block of the Parquet schema metadata."""
+    block: dict[str, Any] = {
+        "schema_version": schema_version(),
+        "domain": vocab.domain,
+        "vocab_version": vocab.version,
+        "label_names": vocab.names,
+        "annotated_labels": annotated,
+    }
+    if optional_columns:  # absent otherwise: builds without them keep their bytes
+        block[OPTIONAL_COLUMNS_KEY] = list(optional_columns)
+    return block
+
+
+def _relative_entry(entry: QuarantineEntry, relative: Callable[[str], str]) -> QuarantineEntry:
+    """`entry` with its path relative to the release root (an archive member keeps `!name`)."""
+    path, bang, member = entry.path.partition("!")
+    return replace(entry, path=relative(path) + bang + member)
 
 
 def _context(
@@ -369,6 +342,7 @@ def _context(
         texts=pipeline.texts.templates(),
         image=image,
         optional_columns=optional_columns,
+        storage_options=options.storage_options,
     )
 
 
@@ -381,10 +355,15 @@ class _ShardRun:
     """Runs the stages over the shards still to write, with a progress bar and `--max-errors`."""
 
     def __init__(
-        self, output: OutputDir, arrow_schema: pa.Schema, options: BuildOptions, pipeline: Pipeline
+        self,
+        output: OutputDir,
+        arrow_schema: pa.Schema,
+        options: BuildOptions,
+        pipeline: Pipeline,
+        relative: Callable[[str], str] = str,
     ):
         self.output, self.arrow_schema, self.options = output, arrow_schema, options
-        self.pipeline = pipeline
+        self.pipeline, self.relative = pipeline, relative
 
     def write(
         self,
@@ -415,7 +394,7 @@ class _ShardRun:
                 writer = writers.pop(outcome.position)
                 writer.add(outcome.position[1], outcome.record)
                 if outcome.quarantine is not None:
-                    writer.quarantine.append(outcome.quarantine)
+                    writer.quarantine.append(_relative_entry(outcome.quarantine, self.relative))
                     quarantined += 1
                     _check_errors(quarantined, self.options.max_errors, outcome.quarantine)
                 if writer.done:

@@ -95,6 +95,8 @@ class LabelConfig:
     zero_shot_others: Literal["not_positive", "negative_or_blank"] = "not_positive"
     zero_shot_seed: int = 0
     zero_shot_mode: Literal["only", "exclude"] = "only"  # build the set, or all rows but it
+    # PadChest: every row, or only those whose labels a physician gave (`MethodLabel`)
+    method: Literal["all", "physician"] = "all"
 
 
 @dataclass(frozen=True)

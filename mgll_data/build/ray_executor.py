@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..errors import UserError
@@ -29,6 +29,9 @@ RAY_REQUIREMENT = "ray==2.60.0"
 MAX_RETRIES = 3
 # Archive members travel with their task: one Ray task carries at most this many image bytes.
 BATCH_BYTES = 64 * 2**20
+# Shards submitted and not yet handed to the writer, per CPU: the running ones, and as many
+# finished ones waiting for an earlier shard.
+OUTSTANDING_PER_CPU = 2
 
 
 def require_ray() -> Any:
@@ -78,7 +81,8 @@ def shard_batches(
 
 @functools.cache
 def _worker_versions() -> tuple[str, dict[str, str]]:
-    from .engine import library_versions  # the engine imports this module's caller
+    # the fingerprint module, not the engine: a worker needs none of the sources or the writer
+    from .fingerprint import library_versions
 
     return socket.gethostname(), library_versions()
 
@@ -91,25 +95,61 @@ def _run_batch(ctx: BuildContext, tasks: list[Task]) -> tuple[tuple[str, dict], 
 def run_on_ray(tasks: Iterable[Task], ctx: BuildContext, spec: ExecutorSpec) -> Iterator[Outcome]:
     """Run `tasks` on Ray, one Ray task per shard, yielding outcomes in task order.
 
-    At most as many shards as the cluster has CPUs are in flight, so the driver holds a bounded
-    number of results however large the build.
+    At most as many shards run as the cluster has CPUs, and at most `OUTSTANDING_PER_CPU` times
+    that many are submitted and not yet yielded, so the driver holds a bounded number of results
+    however large the build.
     """
     ray = require_ray()
-    with _connected(ray, spec) as window:
+    with _connected(ray, spec) as cpus:
         remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_run_batch)
         ctx_ref = ray.put(ctx)  # sent once, not with every task
         _, expected = _worker_versions()
-        pending: deque[tuple[Any, Task]] = deque()
+        window = _Window(ray, lambda batch: remote.remote(ctx_ref, batch), cpus)
         try:
-            for batch in shard_batches(tasks, spec.rows_per_shard):
-                pending.append((remote.remote(ctx_ref, batch), batch[0]))
-                if len(pending) >= window:
-                    yield from _collect(ray, *pending.popleft(), expected)
-            while pending:
-                yield from _collect(ray, *pending.popleft(), expected)
+            for ref, first in window.in_order(shard_batches(tasks, spec.rows_per_shard)):
+                yield from _collect(ray, ref, first, expected)
         finally:
-            for ref, _ in pending:  # stopped early (--max-errors, Ctrl-C): drop queued work
-                ray.cancel(ref)
+            window.cancel()  # stopped early (--max-errors, Ctrl-C): drop queued work
+
+
+class _Window:
+    """Shards submitted to Ray, handed back in submission order once each has finished.
+
+    A CPU that finishes its shard gets the next one at once, even while the driver still waits
+    for an earlier shard (whose outcomes must be written first): a slow shard does not idle the
+    others. Finished results stay in Ray's object store until their turn.
+    """
+
+    def __init__(self, ray: Any, submit: Callable[[list[Task]], Any], cpus: int):
+        self.ray, self.submit, self.cpus = ray, submit, cpus
+        self.order: deque[tuple[Any, Task]] = deque()  # submitted, not yet handed back
+        self.running: set[Any] = set()  # submitted, not known to be finished
+
+    def in_order(self, batches: Iterator[list[Task]]) -> Iterator[tuple[Any, Task]]:
+        """(ref, first task) of each batch, in order, once its Ray task has finished."""
+        self._fill(batches)
+        while self.order:
+            head, first = self.order[0]
+            while head in self.running:
+                done, _ = self.ray.wait(list(self.running), num_returns=1, fetch_local=False)
+                self.running.difference_update(done)
+                self._fill(batches)
+            self.order.popleft()
+            self._fill(batches)  # the next shard starts before this one's outcomes are written
+            yield head, first
+
+    def _fill(self, batches: Iterator[list[Task]]) -> None:
+        while len(self.running) < self.cpus and len(self.order) < OUTSTANDING_PER_CPU * self.cpus:
+            batch = next(batches, None)
+            if batch is None:
+                return
+            ref = self.submit(batch)
+            self.order.append((ref, batch[0]))
+            self.running.add(ref)
+
+    def cancel(self) -> None:
+        for ref, _ in self.order:
+            self.ray.cancel(ref)
 
 
 def _collect(ray: Any, ref: Any, first: Task, expected: dict[str, str]) -> list[Outcome]:

@@ -13,11 +13,12 @@ from typing import Any, BinaryIO
 
 from ..errors import ItemError
 from ..imaging.dicom import process_dicom
-from ..imaging.files import open_release_file
+from ..imaging.files import open_release_file, read_remote_file
 from ..imaging.masks import render_mask
 from ..imaging.raster import EncodedImage, ImagePolicy, process_image
 from ..record import MASK_COLUMN
 from ..schema import dumps_sorted, record_schema, validate_row
+from ..storage import is_url
 from ..text.templates import describe_labels, explain_labels, format_category, positive_names
 from ..vocab import Vocabulary, load_vocabulary
 from .items import QuarantineEntry, RawItem
@@ -36,6 +37,8 @@ class BuildContext:
     release_root: str | None = None
     # The optional record columns this build has (schemas/record.yaml), e.g. ("mask",).
     optional_columns: tuple[str, ...] = ()
+    # fsspec options for a release on object storage (`--storage-options`); never printed.
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def vocab(self) -> Vocabulary:
@@ -116,6 +119,9 @@ def load_image(task: Task, ctx: BuildContext) -> tuple[EncodedImage, dict[str, A
     if task.image_bytes is not None:
         return _decode(task.image_bytes, ref.is_dicom, ctx)
     what = "DICOM file" if ref.is_dicom else "image file"
+    if is_url(ref.path):
+        data = read_remote_file(ref.path, ctx.release_root, ctx.storage_options, what=what)
+        return _decode(data, ref.is_dicom, ctx)
     with open_release_file(ref.path, ctx.release_root, what=what) as file:
         return _decode(file, ref.is_dicom, ctx)
 

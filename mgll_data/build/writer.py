@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..storage import open_binary
 from .items import QuarantineEntry
 
 ROW_GROUP_SIZE = 100  # small row groups give the trainer cheap random access
@@ -24,8 +25,9 @@ def shard_name(split: str, index: int, count: int) -> str:
 
 
 def file_sha256(path: Path) -> str:
+    """SHA-256 of a local file, or of a remote one (a UPath), read in blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

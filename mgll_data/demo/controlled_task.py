@@ -18,16 +18,21 @@ three latent syndromes (heart failure: cardiomegaly + edema + effusion; infectio
 consolidation + effusion + atelectasis; neoplasm: nodule / mass) plus sporadic findings, so they
 co-occur as in real data and are imbalanced (about 45 % `No Finding`).
 
+Each image also gets a mask: the union of its findings' regions, a region being where the
+sign's profile is at least half its peak (see `_draw_sign`), so it is empty for `No Finding`.
+
 The release is written in the ChestX-ray14 layout (so the normal `chestxray14` pipeline builds
-it, with patient-disjoint splits) plus ``reports.jsonl`` (image name → description and
-explanation). The `learnable` pipeline builds it with the normal engine: its source is the
-ChestX-ray14 reader plus the reports, which become the description and explanation
-(``text_origin`` ``learnable_report``).
+it, with patient-disjoint splits) plus ``reports.jsonl`` (image name → description,
+explanation, the case, its random placement and its mask as SIIM-ACR run-length code). The
+`learnable` pipeline builds it with the normal engine: its source is the ChestX-ray14 reader
+plus the reports, which become the description and explanation (``text_origin``
+``learnable_report``) and the `mask` column.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +121,30 @@ def sample_case(rng: np.random.Generator) -> dict[str, dict[str, Any]]:
     return case
 
 
+SIDE_SIGNS = {"right": (-1,), "left": (1,), "bilateral": (-1, 1)}  # image-left: patient's right
+HALF = 0.5  # a finding's region: where its sign reaches at least half its full strength
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """One rendered case: the radiograph, the union of its findings' regions (boolean, same
+    pixels) and the random placement those regions depend on besides the case:
+    ``{"shift": [du, dv], "centres": {finding: [cx, cy]}}`` in the image's unit coordinates."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    placement: dict[str, Any]
+
+
 def render(case: dict[str, dict[str, Any]], size: int, rng: np.random.Generator) -> np.ndarray:
     """A grey uint8 ``size``×``size`` radiograph showing each finding's sign."""
+    return draw(case, size, rng).image
+
+
+def draw(case: dict[str, dict[str, Any]], size: int, rng: np.random.Generator) -> Drawing:
+    """Render `case` and the region of each finding it draws (see `_draw_sign`).
+
+    Pixel (x, y) sits at u = (x - size/2) / (size/2) - du, v = (y - size/2) / (size/2) - dv."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     u = (x - size / 2) / (size / 2)  # patient's right on the image left
     v = (y - size / 2) / (size / 2)
@@ -131,59 +158,87 @@ def render(case: dict[str, dict[str, Any]], size: int, rng: np.random.Generator)
         lungs = np.maximum(lungs, np.clip(1.2 - lung, 0, 1))
     image -= 0.35 * lungs
     image += 0.05 * np.clip(np.sin((v * 9 + 0.8 * u**2) * np.pi), 0, 1) ** 4 * (np.abs(u) < 0.75)
-
-    def side_sign(side: str) -> list[int]:  # image-left is the patient's right
-        return {"right": [-1], "left": [1], "bilateral": [-1, 1]}[side]
-
-    def blob(cx: float, cy: float, radius: float, amplitude: float) -> None:
-        nonlocal image
-        image += amplitude * np.exp(-((u - cx) ** 2 + (v - cy) ** 2) / radius**2)
-
     heart_w = 0.22
     if "Cardiomegaly" in case:
         heart_w = (0.33, 0.38, 0.44)[case["Cardiomegaly"]["severity"]]
     heart = ((u + 0.06) / heart_w) ** 2 + ((v - 0.3) / 0.24) ** 2
     image += 0.35 * np.clip(1.3 - heart, 0, 1)
     image += 0.3 * np.exp(-((u / 0.07) ** 2))  # spine and mediastinum
+    mask = np.zeros((size, size), bool)
+    if "Cardiomegaly" in case:  # the enlarged heart itself
+        mask |= np.clip(1.3 - heart, 0, 1) >= HALF
+    centres: dict[str, list[float]] = {}
     for finding, a in case.items():
-        sev = a["severity"]
-        if finding == "Edema":
-            haze = np.exp(-(((np.abs(u) - 0.22) / (0.18 + 0.05 * sev)) ** 2) - (v / 0.45) ** 2)
-            image += (0.12 + 0.06 * sev) * haze * lungs
-        elif finding == "Effusion":
-            top = (0.42, 0.3, 0.15)[sev]
-            for s in side_sign(a["side"]):
-                fluid = (
-                    (v > top + 0.1 * np.abs(u - s * 0.4)) & (np.sign(u) == s) & (np.abs(u) < 0.72)
-                )
-                image += 0.35 * fluid
-        elif finding == "Pneumothorax":
-            for s in side_sign(a["side"]):
-                width = (0.06, 0.1, 0.15)[sev]
-                rim = ((u - s * 0.4) / 0.3) ** 2 + ((v + 0.1) / 0.6) ** 2
-                crescent = (rim > 1 - width * 4) & (rim < 1.05) & (v < 0.0) & (s * u > 0.25)
-                image[crescent] = 0.0
-        elif finding == "Atelectasis":
-            for s in side_sign(a["side"]):
-                band = np.exp(-(((v - 0.25) / 0.035) ** 2)) * (
-                    np.abs(u - s * 0.4) < 0.12 + 0.06 * sev
-                )
-                image += 0.3 * band
-        elif finding == "Consolidation":
-            for s in side_sign(a["side"]):
-                cy = ZONE_V[a["zone"]]
-                patch = np.exp(-(((u - s * 0.42) / 0.16) ** 2) - ((v - cy) / 0.14) ** 2)
-                image += (0.22 + 0.08 * sev) * patch * (1 + 0.3 * rng.random(patch.shape))
-        elif finding in ("Nodule", "Mass"):
-            s = side_sign(a["side"])[0]
-            cx = s * (0.35 + rng.uniform(-0.08, 0.08))
-            cy = ZONE_V[a["zone"]] + rng.uniform(-0.08, 0.08)
-            if finding == "Nodule":
-                blob(cx, cy, 0.06, 0.45)
-            else:
-                blob(cx, cy, (0.14, 0.18, 0.22)[sev], 0.4)
+        mask |= _draw_sign(image, finding, a, (u, v, lungs), rng, centres)
     image += rng.normal(0, 0.02, image.shape).astype(np.float32)
-    return (np.clip(image, 0, 1) * 255).astype(np.uint8)
+    placement = {"shift": [float(shift[0]), float(shift[1])], "centres": centres}
+    return Drawing((np.clip(image, 0, 1) * 255).astype(np.uint8), mask, placement)
+
+
+def _draw_sign(
+    image: np.ndarray,
+    finding: str,
+    a: dict[str, Any],
+    grid: tuple[np.ndarray, np.ndarray, np.ndarray],
+    rng: np.random.Generator,
+    centres: dict[str, list[float]],
+) -> np.ndarray:
+    """Add `finding`'s sign to `image` in place and return its region: where the sign's
+    profile (before its strength and texture) is at least half its peak, or the whole sign
+    where it is flat (effusion, pneumothorax). Records a nodule's or mass's centre."""
+    u, v, lungs = grid
+    sev = a["severity"]
+    region = np.zeros(image.shape, bool)
+    if finding == "Edema":
+        haze = np.exp(-(((np.abs(u) - 0.22) / (0.18 + 0.05 * sev)) ** 2) - (v / 0.45) ** 2)
+        image += (0.12 + 0.06 * sev) * haze * lungs
+        region |= haze * lungs >= HALF
+    elif finding == "Effusion":
+        top = (0.42, 0.3, 0.15)[sev]
+        for s in SIDE_SIGNS[a["side"]]:
+            fluid = (v > top + 0.1 * np.abs(u - s * 0.4)) & (np.sign(u) == s) & (np.abs(u) < 0.72)
+            image += 0.35 * fluid
+            region |= fluid
+    elif finding == "Pneumothorax":
+        for s in SIDE_SIGNS[a["side"]]:
+            width = (0.06, 0.1, 0.15)[sev]
+            rim = ((u - s * 0.4) / 0.3) ** 2 + ((v + 0.1) / 0.6) ** 2
+            crescent = (rim > 1 - width * 4) & (rim < 1.05) & (v < 0.0) & (s * u > 0.25)
+            image[crescent] = 0.0
+            region |= crescent
+    elif finding == "Atelectasis":
+        for s in SIDE_SIGNS[a["side"]]:
+            band = np.exp(-(((v - 0.25) / 0.035) ** 2)) * (np.abs(u - s * 0.4) < 0.12 + 0.06 * sev)
+            image += 0.3 * band
+            region |= band >= HALF
+    elif finding == "Consolidation":
+        for s in SIDE_SIGNS[a["side"]]:
+            cy = ZONE_V[a["zone"]]
+            patch = np.exp(-(((u - s * 0.42) / 0.16) ** 2) - ((v - cy) / 0.14) ** 2)
+            image += (0.22 + 0.08 * sev) * patch * (1 + 0.3 * rng.random(patch.shape))
+            region |= patch >= HALF
+    elif finding in ("Nodule", "Mass"):
+        s = SIDE_SIGNS[a["side"]][0]
+        cx = s * (0.35 + rng.uniform(-0.08, 0.08))
+        cy = ZONE_V[a["zone"]] + rng.uniform(-0.08, 0.08)
+        radius, amplitude = (0.06, 0.45) if finding == "Nodule" else ((0.14, 0.18, 0.22)[sev], 0.4)
+        blob = np.exp(-((u - cx) ** 2 + (v - cy) ** 2) / radius**2)
+        image += amplitude * blob
+        region |= blob >= HALF
+        centres[finding] = [float(cx), float(cy)]
+    return region
+
+
+def encode_rle(mask: np.ndarray) -> str:
+    """`mask` (height, width) in SIIM-ACR's run-length code: pairs (offset from the end of
+    the previous run, length) over the pixels counted down columns; ``-1`` when empty."""
+    flat = np.concatenate([[False], mask.T.ravel().astype(bool), [False]])
+    edges = np.flatnonzero(flat[1:] != flat[:-1])  # run starts and ends, alternating
+    starts, ends = edges[0::2], edges[1::2]
+    if not len(starts):
+        return "-1"
+    offsets = starts - np.concatenate([[0], ends[:-1]])
+    return " ".join(f"{o} {n}" for o, n in zip(offsets, ends - starts, strict=True))
 
 
 def _phrase(finding: str, a: dict[str, Any]) -> str:
@@ -254,12 +309,13 @@ def write_learnable_release(
             rows.append([name, labels, follow_up, patient, age, sex, view, image_size,
                          image_size, 0.143, 0.143])  # fmt: skip
             (test if _is_test_patient(patient, seed) else train_val).append(name)
-            Image.fromarray(render(case, image_size, rng), mode="L").save(
-                folder / name, compress_level=1
-            )
+            drawing = draw(case, image_size, rng)
+            Image.fromarray(drawing.image, mode="L").save(folder / name, compress_level=1)
             description, explanation = report_texts(case)
             reports.append({"image": name, "description": description, "explanation": explanation,
-                            "case": case})  # fmt: skip
+                            "case": case, "placement": drawing.placement,
+                            "mask": {"frame": [image_size, image_size],
+                                     "rle": encode_rle(drawing.mask)}})  # fmt: skip
             bar.update()
     bar.close()
     write_release_tables(root, rows, train_val, test)

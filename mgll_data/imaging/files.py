@@ -7,6 +7,10 @@ image file a build reads is opened here: without blocking (`O_NONBLOCK`), then c
 release root is known, resolved and refused if it leaves the root. Symlinks that stay inside
 the release are followed (mirrors de-duplicate files that way). Refusals raise `ItemError`, so
 the item goes to quarantine with the reason and the build goes on.
+
+A release on object storage (`s3://`, `gs://`, `hf://`) has no links, FIFOs or devices; there
+an image is refused when its URL leaves the release root, when it is not a file, and when the
+listing states more than `MAX_REMOTE_FILE_BYTES`, before a byte of it is read.
 """
 
 from __future__ import annotations
@@ -17,6 +21,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import ItemError
+from ..storage import filesystem, inside_root
+
+# No radiograph file comes near this (a 4280 x 3520 16-bit DICOM is about 35 MB); the same cap
+# as one archive member (`sources/archives.py`).
+MAX_REMOTE_FILE_BYTES = 256 * 2**20
 
 _KINDS = (
     (stat.S_ISDIR, "a folder"),
@@ -51,8 +60,8 @@ def open_release_file(
 ) -> BinaryIO:
     """Open `path` for binary reading if it is a regular file (inside `root` when given).
 
-    Raises ItemError("image", reason): `missing {what}: PATH`, `symlink leaves the release
-    folder`, `not a regular file (a FIFO)` and the like.
+    Raises ItemError("image", reason): `missing {what}: PATH` (relative to `root`), `symlink
+    leaves the release folder`, `not a regular file (a FIFO)` and the like.
     """
     if root is not None:
         reason = outside_root(path, root)
@@ -62,7 +71,9 @@ def open_release_file(
         # O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting forever.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as err:
-        raise ItemError("image", f"missing {what}: {path}") from err
+        # Relative to the release: the reason names no local folder (outputs must not).
+        shown = os.path.relpath(path, root) if root is not None else path
+        raise ItemError("image", f"missing {what}: {shown}") from err
     except OSError as err:
         mode = _mode(path)  # a socket cannot be opened at all (ENXIO): say what it is
         if mode is not None and not stat.S_ISREG(mode):
@@ -90,3 +101,39 @@ def regular_file_problem(path: str | Path, root: str | Path | None = None) -> st
     except ItemError as err:
         return err.reason
     return None
+
+
+def read_remote_file(
+    url: str,
+    root: str | None,
+    options: dict | None = None,
+    *,
+    what: str = "image file",
+    max_bytes: int = MAX_REMOTE_FILE_BYTES,
+) -> bytes:
+    """The bytes of a file on object storage, refused (ItemError) when its URL leaves `root`,
+    it is missing or not a file, or its stated size is over `max_bytes`; a file that then
+    produces more than it stated is refused too."""
+    if root is not None and not inside_root(url, root):
+        raise ItemError("image", "path leaves the release folder")
+    fs, path = filesystem(url, options)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError as err:
+        shown = url[len(root.rstrip("/")) + 1 :] if root is not None else url
+        raise ItemError("image", f"missing {what}: {shown}") from err
+    except OSError as err:
+        raise ItemError("image", f"cannot open {what} ({type(err).__name__})") from err
+    if info.get("type") != "file":
+        raise ItemError("image", f"not a regular file ({info.get('type') or 'unknown kind'})")
+    size = int(info.get("size") or 0)
+    if size > max_bytes:
+        raise ItemError("image", f"{what} is {size:,} bytes, over the {max_bytes:,}-byte cap")
+    try:
+        with fs.open(path, "rb") as handle:
+            data = handle.read(max_bytes + 1)
+    except OSError as err:
+        raise ItemError("image", f"cannot read {what} ({type(err).__name__})") from err
+    if len(data) > max_bytes:
+        raise ItemError("image", f"{what} produced more than the {max_bytes:,}-byte cap")
+    return data

@@ -10,11 +10,14 @@ from ..vocab import Vocabulary
 from .base import ScanResult, Source
 from .chestxray14 import ChestXray14Source
 from .chexpert import ChexpertSource
+from .covidx import CovidxSource
 from .fundus import GradedSource, OdirSource, RfmidSource
 from .iu_xray import IuXraySource
 from .learnable import LearnableSource
 from .midrc import MidrcCommonsSource, MidrcRicordSource
 from .mimic_cxr import MimicCxrSource
+from .object_cxr import ObjectCxrSource
+from .padchest import PadchestSource
 from .rsna_pneumonia import RsnaPneumoniaSource
 from .siim_acr import SiimAcrSource
 from .vindr_cxr import VindrCxrSource
@@ -30,6 +33,9 @@ SOURCES: dict[str, type[Source]] = {
     "midrc_commons": MidrcCommonsSource,
     "siim_acr": SiimAcrSource,
     "rsna_pneumonia": RsnaPneumoniaSource,
+    "covidx": CovidxSource,
+    "object_cxr": ObjectCxrSource,
+    "padchest": PadchestSource,
     "odir": OdirSource,
     "rfmid": RfmidSource,
     # One reader for the graded releases: each pipeline's `release` section sets its layout.

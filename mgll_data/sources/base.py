@@ -16,6 +16,7 @@ from ..build.items import ImageRef, QuarantineEntry, RawItem
 from ..build.pipeline import Pipeline
 from ..build.stages import Task
 from ..errors import UserError
+from ..storage import open_binary, release_root
 from ..vocab import Vocabulary
 from .archives import ZipLimits
 
@@ -48,7 +49,7 @@ class Source(ABC):
         vocab: Vocabulary,
         options: dict[str, str] | None = None,
     ):
-        self.root = Path(root)
+        self.root = release_root(root)  # a Path, or a UPath for a release on object storage
         self.pipeline = pipeline
         self.vocab = vocab
         self.options = dict(options or {})
@@ -106,13 +107,14 @@ def stream_archives(
 
     Members are matched by base name. Items found in no archive (or cut off by a truncated
     archive), and members larger than `max_member_bytes`, yield a Task with an error, so they
-    reach quarantine with a reason; a member is never held in memory past that cap.
+    reach quarantine with a reason; a member is never held in memory past that cap. An archive
+    on object storage is streamed from the remote file, never copied whole.
     """
     by_name = {posixpath.basename(item.image.member or ""): (pos, item) for pos, item in wanted}
     problems: list[str] = []
     for archive in archives:
         try:
-            with tarfile.open(archive, "r|*") as tar:
+            with open_binary(archive) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
                 for member in tar:
                     key = posixpath.basename(member.name)
                     if not member.isfile() or key not in by_name:

@@ -22,7 +22,6 @@ one folder; each is found by its file names. One item per metadata row (image):
 from __future__ import annotations
 
 import math
-import os
 import re
 import zipfile
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import get_args
 from ..build.items import ImageRef, QuarantineEntry, RawItem
 from ..build.pipeline import ImageMode
 from ..errors import UserError
+from ..storage import is_url, open_binary
 from ..text.labeler import TextLabeler, restrict_labels
 from ..text.sections import conclusion, load_official_rules, section_report
 from .base import ScanResult, Source
@@ -79,7 +79,7 @@ def _is_data_tree(folder: Path) -> bool:
     if folder.name != "files":
         return False
     try:
-        return any(re.fullmatch(r"p\d\d", entry) for entry in os.listdir(folder))
+        return any(re.fullmatch(r"p\d\d", entry.name) for entry in folder.iterdir())
     except OSError:  # unreadable: os.walk would skip it too
         return True
 
@@ -432,7 +432,8 @@ class _ReportReader:
         self._members: dict[str, str] = {}
         if zip_path is not None:
             try:
-                self._zip = zipfile.ZipFile(zip_path)
+                # On object storage: read from the remote file object, never copied whole.
+                self._zip = zipfile.ZipFile(open_binary(zip_path) if is_url(zip_path) else zip_path)
             except (zipfile.BadZipFile, OSError) as err:
                 raise UserError(f"{zip_path}: not a readable zip ({err})") from err
             for name in self._zip.namelist():

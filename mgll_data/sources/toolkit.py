@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..storage import child, is_url, relative_parts, walk_url
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 # A loose file name may carry a prefix before the wanted name (`a. RFMiD_Training_Labels.csv`)
 # when it ends in one of these.
@@ -44,15 +46,17 @@ def walk_release(
     are not entered (the root is depth 0); `skip_dir(path)` true prunes a folder too. Symlinked
     folders are never entered (they may lead out of the release, or in a loop). File names may
     still name a FIFO, socket or a symlink out of the release: the image stage refuses those
-    (`imaging/files.py`), so they reach quarantine with a reason.
+    (`imaging/files.py`), so they reach quarantine with a reason. A release on object storage
+    (a UPath root) is walked through fsspec; its folders are then URLs.
     """
-    for folder, dirs, files in os.walk(root, followlinks=False):
+    walk = walk_url(root) if is_url(root) else os.walk(root, followlinks=False)
+    for folder, dirs, files in walk:
         dirs[:] = sorted(
             d
             for d in dirs
-            if not is_hidden(d) and not (skip_dir is not None and skip_dir(Path(folder) / d))
+            if not is_hidden(d) and not (skip_dir is not None and skip_dir(child(root, folder, d)))
         )
-        if max_depth is not None and len(Path(folder).relative_to(root).parts) >= max_depth:
+        if max_depth is not None and len(relative_parts(folder, root)) >= max_depth:
             dirs[:] = []
         yield folder, dirs, sorted(f for f in files if not is_hidden(f))
 
@@ -61,7 +65,7 @@ def release_files(root: Path | str, *, max_depth: int | None = None) -> Iterator
     """Every visible file under `root`, in walk order."""
     for folder, _, files in walk_release(root, max_depth=max_depth):
         for name in files:
-            yield Path(folder) / name
+            yield child(root, folder, name)
 
 
 def find_file(
@@ -83,10 +87,14 @@ def find_file(
     for folder, _, files in walk_release(root, max_depth=max_depth, skip_dir=skip_dir):
         for name in files:
             order = _name_order(name, wanted, loose)
-            # A FIFO named like a metadata file would block the scan that reads it.
-            if order is not None and os.path.isfile(Path(folder) / name):
-                path = Path(folder) / name
-                hits.append((order, len(path.relative_to(root).parts), path.parts, path))
+            if order is None:
+                continue
+            path = child(root, folder, name)
+            # A FIFO named like a metadata file would block the scan that reads it (object
+            # storage lists only files).
+            if is_url(root) or os.path.isfile(path):
+                parts = relative_parts(path, root)
+                hits.append((order, len(parts), parts, path))
     return min(hits)[3] if hits else None
 
 
@@ -127,7 +135,7 @@ def pick_image(
     then the shallowest, then path order."""
 
     def rank(path: str) -> tuple:
-        rel = os.path.relpath(path, root).lower()
+        rel = os.path.relpath(path, str(root)).lower()
         return (
             prefer not in rel if prefer else False,
             sum(word in rel for word in avoid),
@@ -136,6 +144,15 @@ def pick_image(
         )
 
     return min(candidates, key=rank)
+
+
+def find_listed(images: dict[str, list[str]], name: str, root: Path) -> str | None:
+    """The file a list names (`x.png`, any case) in an `index_images` index: the shallowest of
+    those so named, or None."""
+    wanted = name.lower()
+    candidates = images.get(os.path.splitext(wanted)[0], [])
+    found = [p for p in candidates if os.path.basename(p).lower() == wanted]
+    return pick_image(found, root) if found else None
 
 
 # --- reading values ------------------------------------------------------------------------
