@@ -3,8 +3,9 @@ the data loader against the training step.
 
 Builds demo datasets of 512-px stored images (PNG and JPEG), then:
 1. per core (torch pinned to 1 thread, one process): samples/s of `SampleTransform.image`
-   (reduced decode, uint8 until a table normalisation) against the path it replaced (full
-   decode, one bicubic resize from full resolution, float normalisation), interleaved ABAB
+   (reduced decode, uint8 out: the consumer normalises on its device) against the path it
+   replaced (full decode, one bicubic resize from full resolution, float normalisation on the
+   CPU), interleaved ABAB
    over `--rounds` rounds, min / median / max of each and of the per-round ratio;
 2. the DataLoader (`--workers`, 1) against the `--loss mgll` training step of `--model` on one
    thread, both in images/s: the loader over `--batches` batches after the prefetched ones,

@@ -45,7 +45,9 @@ def _synthetic_batch(bundle, batch_size: int, image_size: int, granularities: in
     ]
     labels = (torch.rand(batch_size, 21, generator=generator) < 0.1).float()
     return {
-        "images": torch.randn(batch_size, 3, image_size, image_size, generator=generator),
+        "images": torch.randint(
+            0, 256, (batch_size, 3, image_size, image_size), generator=generator, dtype=torch.uint8
+        ),
         "texts": torch.stack([bundle.tokenizer(t) for t in texts]),
         "labels": labels,
         "text_ids": text_ids_for(texts),

@@ -15,7 +15,7 @@ from mgll_data.cli import closed_stdout_status
 
 from .config import HelpFormatter, add_fit_arguments, parse_fit_args
 from .errors import UserError
-from .evaluate.flags import add_eval_arguments
+from .evaluate.flags import add_eval_arguments, eval_args_problem
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,6 +76,10 @@ def _run(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         out = export_checkpoint(args.checkpoint, args.out)
         print(f"exported {args.checkpoint} to {out} (open_clip: 'local-dir:{out}')")
     elif args.command == "eval":
+        problem = eval_args_problem(args)
+        if problem:  # before torch loads, as argparse's own errors
+            commands = next(a for a in parser._actions if a.dest == "command")
+            commands.choices["eval"].error(problem)
         from .evaluate import run_eval
 
         run_eval(args)

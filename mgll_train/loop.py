@@ -21,6 +21,7 @@ from open_clip_train.precision import get_autocast
 
 from .checkpoint import Run, rng_state, save_checkpoint, unwrap
 from .data import TruncationStats
+from .data.normalize import model_input
 from .feed import Feed
 from .losses import MultiGranularLoss, TokenObjective
 from .model import clamp_logit_scale
@@ -156,8 +157,10 @@ class Trainer:
                 log.info(self.progress.epoch_line(epoch, self.args.epochs, finished))
             self._end_epoch(epoch, finished)
             if self.step >= self.parts.total_steps:
-                if self.session.is_master and not finished:  # --max-steps ended it mid-epoch
-                    self._save(f"step_{self.step}.pt", epoch, ran.batch, ran.unit)
+                # --max-steps ended it: save that point, unless the epoch checkpoint holds it
+                if self.session.is_master and not (finished and self._saves_epoch(epoch)):
+                    where = (epoch + 1, 0, 0) if finished else (epoch, ran.batch, ran.unit)
+                    self._save(f"step_{self.step}.pt", *where)
                 break
         return False
 
@@ -237,7 +240,7 @@ class Trainer:
         args = self.args
         if not (self.session.is_master and finished):
             return
-        if (epoch + 1) % args.save_frequency == 0 or epoch + 1 == args.epochs:
+        if self._saves_epoch(epoch):
             self._save(f"epoch_{epoch + 1}.pt", epoch + 1, 0)
         if args.val_data:
             evaluate_epoch(
@@ -249,6 +252,10 @@ class Trainer:
                 self.step,
                 self.session.device,
             )
+
+    def _saves_epoch(self, epoch: int) -> bool:
+        """Whether finishing `epoch` writes an epoch checkpoint (`--save-frequency`, the last)."""
+        return (epoch + 1) % self.args.save_frequency == 0 or epoch + 1 == self.args.epochs
 
     def _save(self, filename: str, epoch: int, batch: int, unit: int = 0) -> None:
         """Save the state at (epoch, batch, unit) as `checkpoints/filename` and as the latest."""
@@ -313,7 +320,7 @@ def train_step(
     micro-batch is recomputed with gradients and the loss taken over its fresh features and the
     others' cached ones, so the accumulated gradient is the whole batch's.
     """
-    images = batch["images"].to(device, non_blocking=True)
+    images = model_input(batch["images"], unwrap(model).clip, device)  # uint8 → normalised
     texts = batch["texts"].to(device, non_blocking=True)
     labels = batch["labels"].to(device)
     text_ids = batch["text_ids"].to(device)

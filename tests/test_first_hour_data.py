@@ -172,7 +172,7 @@ def test_release_writer_is_quiet_by_default(tmp_path, capsys):
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_readme_outputs_are_ignored():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    folders = set(re.findall(r"--(?:out|logs) ([a-z][\w.-]*)/?", readme))
+    folders = set(re.findall(r"--(?:out|logs) (?![a-z0-9]+://)([a-z][\w.-]*)/?", readme))
     assert {"demo-out", "eval-demo", "wds", "mgll-json", "logs"} <= folders
     not_ignored = [
         folder

@@ -43,6 +43,7 @@ from mgll_data.build.pipeline import load_pipeline
 from mgll_data.demo.nih_release import write_demo_release
 from mgll_train.cli import main as train_main
 from mgll_train.data import SampleTransform, StreamingRecords, collate, make_dataset
+from mgll_train.data.normalize import model_input
 from mgll_train.data.tokenizer import TextTokenizer
 from mgll_train.model import create_model
 from mgll_train.sampler import GlobalBatchSampler
@@ -390,7 +391,7 @@ def expected_step1(
     tokens = batch["texts"]
     g, b, length = tokens.shape
     with torch.no_grad():
-        img = model.encode_image(batch["images"], normalize=normalize)
+        img = model.encode_image(model_input(batch["images"], model, "cpu"), normalize=normalize)
         txt = model.encode_text(tokens.reshape(g * b, length), normalize=normalize).reshape(
             g, b, -1
         )

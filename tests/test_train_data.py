@@ -34,6 +34,7 @@ from mgll_train.data import (
 )
 from mgll_train.data.images import image_config_from_model, pad_resize
 from mgll_train.data.labels import aligned_label_names, apply_label_policy
+from mgll_train.data.normalize import normalize_images
 from mgll_train.data.tokenizer import TextTokenizer, split_sentences
 
 MEAN = (0.5, 0.5, 0.5)
@@ -186,12 +187,15 @@ def test_non_square_image_is_padded_not_cropped(size):
 def test_transform_image_pad_value_and_grey_to_rgb(tokenizer):
     t = transform(tokenizer)
     grey = Image.fromarray(np.tile(np.arange(0, 240, 6, dtype=np.uint8), (20, 1)))  # 40×20
-    tensor = t.image(png(grey), np.random.default_rng(0))
-    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
+    pixels = t.image(png(grey), np.random.default_rng(0))
+    assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.uint8
+    tensor = normalize_images(pixels[None], MEAN, STD, "cpu")[0]
     assert torch.equal(tensor[0], tensor[1]) and torch.equal(tensor[1], tensor[2])
     assert torch.allclose(tensor[:, :8], torch.tensor((0 - 0.5) / 0.25))  # padded rows
     rgb = Image.merge("RGB", [Image.new("L", (32, 32), v) for v in (0, 128, 255)])
-    channels = t.image(png(rgb), np.random.default_rng(0))
+    channels = normalize_images(
+        t.image(png(rgb), np.random.default_rng(0))[None], MEAN, STD, "cpu"
+    )[0]
     assert channels[:, 16, 16].tolist() == pytest.approx(
         [-2.0, (128 / 255 - 0.5) / 0.25, 2.0], abs=1e-5
     )
@@ -203,7 +207,8 @@ def test_augmentation_is_mild_and_deterministic_per_sample(built, tokenizer):
     a, b = augmented[3]["image"], augmented[3]["image"]
     assert torch.equal(a, b)
     assert not torch.equal(a, plain[3]["image"])
-    assert (a - plain[3]["image"]).abs().mean() < 1.0  # a small crop, not another image
+    levels = (a.float() - plain[3]["image"].float()).abs().mean()
+    assert levels < 0.25 * 255  # a small crop, not another image (1.0 normalised before)
     augmented.set_epoch(1)
     assert not torch.equal(augmented[3]["image"], a)
 
@@ -402,7 +407,7 @@ def test_dataloader_with_two_workers_yields_batches(built, tokenizer):
     loader = DataLoader(dataset, batch_size=8, num_workers=2, collate_fn=collate)
     batches = list(loader)
     first = batches[0]
-    assert first["images"].shape == (8, 3, 32, 32) and first["images"].dtype == torch.float32
+    assert first["images"].shape == (8, 3, 32, 32) and first["images"].dtype == torch.uint8
     assert first["texts"].shape == (3, 8, CONTEXT) and first["texts"].dtype == torch.long
     assert first["labels"].shape == (8, len(dataset.label_names))
     assert first["labels"].dtype == torch.float32

@@ -19,7 +19,7 @@ def _batch(bundle, n: int = 8) -> dict:
     texts = [categories, [f"Finding number {i % 3}." for i in range(n)]]
     labels = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [1.0, 0.0]] * (n // 4))
     return {
-        "images": torch.randn(n, 3, 64, 64),
+        "images": torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8),
         "texts": torch.stack([bundle.tokenizer(t) for t in texts]),
         "labels": labels,
         "text_ids": text_ids_for(texts),

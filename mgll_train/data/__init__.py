@@ -13,7 +13,8 @@ Where things live:
 * `sources.py`    — data specs (directories, files, globs, `hf:org/name`, `A::B`) → Parquet files
 * `labels.py`     — each file's `mgll` block, label names aligned across files, the label policy
 * `records.py`    — `ParquetRecords`: rows by row group, split index, upsampling factors
-* `images.py`     — decode, pad to square, augment, resize, normalise
+* `images.py`     — decode, pad to square, augment, resize (uint8 out)
+* `normalize.py`  — `model_input`: uint8 batches → the model's normalised input, on its device
 * `tokenizer.py`  — `TextTokenizer`: token counts, truncation flags, sentence sampling
 * `transforms.py` — `SampleTransform`: a record → image, tokens, labels, text ids, flags
 * `dataset.py`    — `MgllDataset`, `make_dataset`, `collate`, `TruncationStats`

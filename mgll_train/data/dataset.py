@@ -89,7 +89,7 @@ def make_dataset(
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Batch samples: ``images [B,3,H,W]``, ``texts [G,B,L]`` long, ``labels [B,K]`` float,
     ``text_ids [G,B]`` int64, ``truncated [G,B]`` bool, ``ids`` list of str (and ``units``
-    ``[B]`` for streaming samples)."""
+    ``[B]`` for streaming samples, ``masks [B,1,H,W]`` for samples with a mask)."""
     batch = {
         "images": torch.stack([s["image"] for s in samples]),
         "texts": torch.stack([s["texts"] for s in samples], dim=1),
@@ -98,6 +98,8 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "truncated": torch.stack([s["truncated"] for s in samples], dim=1),
         "ids": [s["id"] for s in samples],
     }
+    if "mask" in samples[0]:  # segmentation: SampleTransform(masks=True)
+        batch["masks"] = torch.stack([s["mask"] for s in samples])
     if "unit" in samples[0]:  # streaming: each sample's row-group position, for resume
         batch["units"] = torch.tensor([s["unit"] for s in samples], dtype=torch.int64)
     skipped = [entry for s in samples for entry in s.get("skipped", ())]

@@ -1,19 +1,19 @@
-"""Image bytes → the model's input tensor: decode, pad to square, (augment,) resize, normalise.
+"""Image bytes → the model's input pixels: decode, pad to square, (augment,) resize.
 
 Images are padded to square with 0 (black: radiographs and fundus photographs have black
 surroundings), centred, aspect kept, nothing cropped; grey becomes 3 identical channels; bicubic
-resize; the model's mean/std. Never flipped. The optional training augmentation is a mild random
-resized crop of the padded square (scale 0.9–1.0, aspect ratio 0.95–1.05).
+resize; uint8 out (the model's mean/std are applied on its device: `normalize.py`). Never
+flipped. The optional training augmentation is a mild random resized crop of the padded square
+(scale 0.9–1.0, aspect ratio 0.95–1.05).
 
 Decoding dominates a training sample's cost, so the training path (`decode_scaled`,
 `pad_resize(reducing_gap=...)`) works at the model's resolution: a JPEG is decoded at 1/2, 1/4
 or 1/8 scale (DCT scaling), and an image still at least twice the model's size is box-reduced
-by an integer factor before the bicubic resize. Pixels stay uint8 until `image_to_tensor`,
-which normalises through a 256-entry table per channel (the same float32 values as the
-arithmetic). Against one bicubic resize from full resolution this differs by under one grey
-level on average (`tests/test_loader_equivalence.py` bounds it); an image smaller than twice the
-model's size is resized exactly as before. Pillow decodes everything: torchvision's PNG decoder
-gives the same pixels but was barely faster and is deprecated.
+by an integer factor before the bicubic resize. Pixels stay uint8 throughout. Against one
+bicubic resize from full resolution this differs by under one grey level on average
+(`tests/test_loader_equivalence.py` bounds it); an image smaller than twice the model's size is
+resized exactly as before. Pillow decodes everything: torchvision's PNG decoder gives the same
+pixels but was barely faster and is deprecated.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from __future__ import annotations
 import io
 import math
 import zlib
-from collections.abc import Sequence
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -99,27 +97,28 @@ def pad_resize(
     size: int,
     crop: tuple[float, ...] | None = None,
     reducing_gap: float | None = None,
+    resample: Image.Resampling = Image.Resampling.BICUBIC,
 ) -> Image.Image:
     """Pad to a centred square with 0 (aspect kept, nothing cropped) and resize to ``size``.
 
     ``crop`` is an optional ``(left, top, right, bottom)`` box in the padded square's
     coordinates (the augmentation's random resized crop). ``reducing_gap`` is Pillow's: an
     image more than ``reducing_gap`` times the target is first box-reduced by an integer
-    factor (None: one bicubic resize from full resolution).
+    factor (None: one resize from full resolution). ``resample``: bicubic for images, NEAREST
+    for masks (same geometry, values kept 0/255).
     """
     width, height = image.size
     side = max(width, height)
-    bicubic = Image.Resampling.BICUBIC
     if crop is None:
         scale = size / side
         new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-        resized = image.resize((new_w, new_h), bicubic, reducing_gap=reducing_gap)
+        resized = image.resize((new_w, new_h), resample, reducing_gap=reducing_gap)
         canvas = Image.new(image.mode, (size, size), 0)
         canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
         return canvas
     canvas = Image.new(image.mode, (side, side), 0)
     canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas.resize((size, size), bicubic, box=crop, reducing_gap=reducing_gap)
+    return canvas.resize((size, size), resample, box=crop, reducing_gap=reducing_gap)
 
 
 def random_crop_box(
@@ -137,24 +136,12 @@ def random_crop_box(
     return (left, top, left + w, top + h)
 
 
-@lru_cache(maxsize=8)
-def normalisation_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """``[3, 256]`` float32: ``(v / 255 - mean[c]) / std[c]`` for every uint8 value ``v``."""
-    values = np.arange(256, dtype=np.float32)[None, :] / 255.0
-    return (values - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
-
-
-def image_to_tensor(
-    image: Image.Image, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
-    """``[3, H, W]`` float32, grey replicated to 3 channels, normalised with mean/std.
-
-    The uint8 pixels index a table of the 256 normalised values per channel: one gather
-    instead of float arithmetic over every pixel, with the same float32 results.
-    """
-    table = normalisation_table(tuple(mean), tuple(std))
-    pixels = np.asarray(image, dtype=np.uint8).astype(np.intp)  # index once, not per channel
-    out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
-    for c in range(3):
-        np.take(table[c], pixels if pixels.ndim == 2 else pixels[:, :, c], out=out[c])
-    return torch.from_numpy(out)
+def image_to_uint8(image: Image.Image) -> torch.Tensor:
+    """``[3, H, W]`` uint8, grey replicated to 3 channels: the loader's image, normalised on
+    the device by `mgll_train.data.normalize.model_input`."""
+    pixels = np.asarray(image, dtype=np.uint8)  # read-only: Pillow's buffer
+    if pixels.ndim == 2:
+        planes = np.broadcast_to(pixels, (3, *pixels.shape))
+    else:
+        planes = pixels.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(planes))  # the one copy, writable

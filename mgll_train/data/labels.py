@@ -9,7 +9,8 @@ names (the first file's order, then new names appended); a label a file does not
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,27 +129,77 @@ def annotated_mask(metadata: dict[str, Any], label_names: Sequence[str]) -> np.n
     return np.array([name in annotated for name in label_names], dtype=bool)
 
 
+_UNCERTAIN_VALUE = {"ignore": np.nan, "positive": POSITIVE, "negative": NEGATIVE}
+
+
+@dataclass(frozen=True)
+class PerLabelPolicy:
+    """An uncertain policy per label, and the labels kept (an evaluation protocol's subset).
+
+    ``names`` are the label vector's names in order (a dataset's ``label_names``); the
+    vectors this policy is applied to must have that length. A label outside ``kept`` becomes
+    NaN everywhere, so the probe neither trains nor scores on it.
+    """
+
+    names: tuple[str, ...]
+    uncertain: tuple[UncertainPolicy, ...]  # one per name
+    kept: tuple[bool, ...]  # one per name
+
+    @classmethod
+    def for_names(
+        cls,
+        names: Sequence[str],
+        by_label: Mapping[str, UncertainPolicy],
+        default: UncertainPolicy = "ignore",
+        subset: Sequence[str] | None = None,
+    ) -> PerLabelPolicy:
+        """``by_label[name]`` (else ``default``) for each of ``names``; only ``subset`` kept
+        (every label when None)."""
+        for name, policy in [*by_label.items(), ("(default)", default)]:
+            if policy not in UNCERTAIN_POLICIES:
+                raise ValueError(
+                    f"{name}: uncertain must be ignore|positive|negative, not {policy}"
+                )
+        keep = set(names if subset is None else subset)
+        return cls(
+            tuple(names),
+            tuple(by_label.get(n, default) for n in names),
+            tuple(n in keep for n in names),
+        )
+
+
 def apply_label_policy(
     labels: np.ndarray,
     annotated: np.ndarray,
-    uncertain: UncertainPolicy = "ignore",
+    uncertain: UncertainPolicy | PerLabelPolicy = "ignore",
     unmentioned: UnmentionedPolicy = "negative",
 ) -> np.ndarray:
     """The label vector the loss sees (the `--uncertain`/`--unmentioned` policy), as float32.
 
-    ``uncertain``: −1 → NaN (``ignore``), 1 (``positive``) or 0 (``negative``).
+    ``uncertain``: −1 → NaN (``ignore``), 1 (``positive``) or 0 (``negative``), for every label,
+    or per label (a `PerLabelPolicy`, which also leaves out the labels it does not keep).
     ``unmentioned``: a NaN stored for a label in ``annotated`` → 0 (``negative``) or stays NaN
     (``ignore``). NaN for labels not annotated always stays NaN. The two rules look at the stored
     values, so an uncertain label ignored as NaN is never turned into a negative.
     """
-    if uncertain not in UNCERTAIN_POLICIES:
+    if not isinstance(uncertain, PerLabelPolicy) and uncertain not in UNCERTAIN_POLICIES:
         raise ValueError(f"uncertain must be ignore|positive|negative, not {uncertain}")
     if unmentioned not in UNMENTIONED_POLICIES:
         raise ValueError(f"unmentioned must be negative|ignore, not {unmentioned}")
     stored = np.asarray(labels, dtype=np.float32)
     out = stored.copy()
-    becomes = {"ignore": np.nan, "positive": POSITIVE, "negative": NEGATIVE}[uncertain]
-    out[stored == UNCERTAIN] = becomes
+    if isinstance(uncertain, PerLabelPolicy):
+        if stored.shape[-1] != len(uncertain.names):
+            raise ValueError(
+                f"a per-label policy for {len(uncertain.names)} labels applied to "
+                f"{stored.shape[-1]} values"
+            )
+        becomes = np.array([_UNCERTAIN_VALUE[p] for p in uncertain.uncertain], dtype=np.float32)
+        out = np.where(stored == UNCERTAIN, becomes, out)
+    else:
+        out[stored == UNCERTAIN] = _UNCERTAIN_VALUE[uncertain]
     if unmentioned == "negative":
         out[np.isnan(stored) & annotated] = NEGATIVE
-    return out
+    if isinstance(uncertain, PerLabelPolicy):
+        out[..., ~np.array(uncertain.kept, dtype=bool)] = np.nan
+    return out.astype(np.float32)

@@ -11,6 +11,7 @@ drawn `f` times as often as with factor 1.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -131,6 +132,14 @@ class ParquetRecords(Dataset):
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def with_columns(self, columns: Sequence[str]) -> ParquetRecords:
+        """These records (same files, rows and labels) reading ``columns`` instead."""
+        other = copy.copy(self)
+        other.columns = list(columns)
+        other._handles, other._cached = {}, OrderedDict()  # tables of the old columns
+        other.row_group_reads = 0
+        return other
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

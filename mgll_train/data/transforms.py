@@ -14,15 +14,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from mgll_data.record import GRANULARITIES, GRANULARITY_COLUMNS, text_hash
+from mgll_data.record import GRANULARITIES, GRANULARITY_COLUMNS, MASK_COLUMN, text_hash
 
 from ..choices import TEXT_SAMPLINGS, TextSampling
 from ..errors import UserError
 from .images import (
+    decode_image,
     decode_scaled,
     image_config_from_model,
-    image_to_tensor,
+    image_to_uint8,
     pad_resize,
     random_crop_box,
 )
@@ -41,6 +43,8 @@ class SampleTransform:
 
     tokenizer: TextTokenizer
     image_size: int
+    # The model's normalisation, which the batches' consumers apply on the device
+    # (`normalize.py`); images leave the transform as uint8.
     mean: tuple[float, ...]
     std: tuple[float, ...]
     granularities: tuple[str, ...] = GRANULARITIES
@@ -51,6 +55,8 @@ class SampleTransform:
     # Data with no annotated label is refused when True (the MGLL losses, evaluation), only
     # warned about when False (--loss clip learns from the texts alone).
     labels_required: bool = True
+    # Also read the optional `mask` column (segmentation): samples get ``mask`` [1, H, W].
+    masks: bool = False
     columns: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +74,7 @@ class SampleTransform:
             "image",
             "labels",
             *(GRANULARITY_COLUMNS[g] for g in self.granularities),
+            *((MASK_COLUMN,) if self.masks else ()),
         )
 
     @classmethod
@@ -83,15 +90,38 @@ class SampleTransform:
         return cls(TextTokenizer(tokenizer, context_length), size, mean, std, **kwargs)
 
     def image(self, data: bytes, rng: np.random.Generator) -> torch.Tensor:
-        """Decode (at reduced scale where the format allows), pad to square, (augment,)
-        resize and normalise one image; uint8 until the normalisation."""
+        """Decode (at reduced scale where the format allows), pad to square, (augment,) and
+        resize one image: ``[3, S, S]`` uint8, normalised on the device (`normalize.py`)."""
+        return self._image_and_geometry(data, rng)[0]
+
+    def _image_and_geometry(
+        self, data: bytes, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[float, ...] | None]:
+        """The image tensor, the decoded image's size and the crop box used (None: none)."""
         image, reduced = decode_scaled(data, self.image_size)
         crop = None
         if self.augment:  # drawn in the stored image's coordinates: the same box at any scale
             box = random_crop_box(round(max(image.size) * reduced), rng)
             crop = tuple(v / reduced for v in box)
         square = pad_resize(image, self.image_size, crop, reducing_gap=REDUCING_GAP)
-        return image_to_tensor(square, self.mean, self.std)
+        return image_to_uint8(square), image.size, crop
+
+    def mask(
+        self, data: bytes | None, size: tuple[int, int], crop: tuple[float, ...] | None
+    ) -> torch.Tensor:
+        """``[1, S, S]`` float: 1 inside the mask, 0 outside, all NaN when the record has none.
+
+        The mask is brought to the decoded image's ``size`` and then padded, cropped and
+        resized exactly as the image, with NEAREST, so mask and image pixels stay aligned.
+        """
+        if not data:
+            return torch.full((1, self.image_size, self.image_size), float("nan"))
+        mask = decode_image(data).convert("L")
+        nearest = Image.Resampling.NEAREST
+        if mask.size != size:  # the image was decoded at reduced scale (JPEG)
+            mask = mask.resize(size, nearest)
+        square = pad_resize(mask, self.image_size, crop, resample=nearest)
+        return torch.from_numpy(np.asarray(square) > 127).float()[None]
 
     def texts(
         self, record: dict[str, Any], rng: np.random.Generator
@@ -116,17 +146,19 @@ class SampleTransform:
         rng: np.random.Generator,
         decode: bool = True,
     ) -> dict[str, Any]:
-        """The sample: ``image [3,H,W]``, ``texts [G,L]``, ``labels [K]``, ``text_ids [G]``,
+        """The sample: ``image [3,H,W]`` uint8, ``texts [G,L]``, ``labels [K]``, ``text_ids [G]``,
         ``truncated [G]`` and ``id``. ``decode=False``: a black image in place of the record's
         (a placeholder for a batch that is refused). Bytes that do not decode (or a missing
         image) raise `UnreadableImage`."""
         texts, tokens, truncated = self.texts(record, rng)
         policy = apply_label_policy(labels, annotated, self.uncertain, self.unmentioned)
+        size, crop = (self.image_size, self.image_size), None
         if decode:
-            image = self.image((record["image"] or {}).get("bytes") or b"", rng)
+            data = (record["image"] or {}).get("bytes") or b""
+            image, size, crop = self._image_and_geometry(data, rng)
         else:
-            image = torch.zeros(3, self.image_size, self.image_size)
-        return {
+            image = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+        sample = {
             "image": image,
             "texts": tokens,
             "labels": torch.from_numpy(policy),
@@ -134,3 +166,7 @@ class SampleTransform:
             "truncated": truncated,
             "id": record["id"],
         }
+        if self.masks:
+            mask_bytes = (record.get(MASK_COLUMN) or {}).get("bytes") if decode else None
+            sample["mask"] = self.mask(mask_bytes, size, crop)
+        return sample

@@ -1,4 +1,5 @@
-"""`mgll-train eval` and the evaluation during `fit`: zero-shot, linear probe, retrieval.
+"""`mgll-train eval` and the evaluation during `fit`: zero-shot, linear probe, retrieval,
+segmentation.
 
 Features are extracted once per split; each task turns them into one block of metrics.json.
 
@@ -10,10 +11,16 @@ Where things live:
 * `zeroshot.py`  — prompt ensembles from the vocabulary, zero-shot scores
 * `probe.py`     — patient-level subsets, the linear head, `--finetune`
 * `retrieval.py` — label-aware Recall@k, chance level, graded mAP
+* `segmentation.py` — `--tasks segmentation`: subsets, Dice / IoU with intervals
+* `decoder.py`   — patch tokens of the frozen tower, the decoder's training and prediction
 * `report.py`    — JSON-safe metrics, the plots
 * `table.py`     — the printed table (table.txt)
 * `cli.py`       — loading a checkpoint, `run_eval`
 * `flags.py`     — the `eval` flags and task names (torch-free: `--help` stays fast)
+* `protocols.py` — named, versioned benchmark protocols and suites (torch-free)
+* `suite.py`     — `--protocol` and `--suite`: builds recognised, flags checked, protocols run
+* `suite_table.py` — a protocol's lines in table.txt; suite.md, suite.tex, suite.json
+* `probe_multiclass.py` — the single-label probe (accuracy) of COVIDx
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ features of a checkpoint are the same on every run.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data import SampleTransform, collate
+from ..data.normalize import model_input
 
 
 @dataclass
@@ -60,6 +62,18 @@ def eval_transform(model: torch.nn.Module, tokenizer: Any, args: Any) -> SampleT
     )
 
 
+def eval_batches(
+    dataset: Any, batch_size: int, workers: int, desc: str, progress: bool | None = None
+) -> Iterator[dict[str, Any]]:
+    """The batches of ``dataset`` in order, behind a progress bar named ``desc`` (None: drawn
+    only when stderr is a terminal)."""
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate
+    )
+    disable = None if progress is None else not progress
+    yield from tqdm(loader, desc=desc, unit="batch", disable=disable, leave=False)
+
+
 @torch.no_grad()
 def extract_features(
     model: torch.nn.Module,
@@ -76,19 +90,10 @@ def extract_features(
     """
     was_training = model.training
     model.eval()
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate
-    )
     images, text_feats, labels, ids = [], [], [], []
-    bar = tqdm(
-        loader,
-        desc="features",
-        unit="batch",
-        disable=None if progress is None else not progress,
-        leave=False,
-    )
-    for batch in bar:
-        images.append(model.encode_image(batch["images"].to(device), normalize=False).float().cpu())
+    for batch in eval_batches(dataset, batch_size, workers, "features", progress):
+        pixels = model_input(batch["images"], model, device)
+        images.append(model.encode_image(pixels, normalize=False).float().cpu())
         if texts:
             tokens = batch["texts"][0].to(device)
             text_feats.append(model.encode_text(tokens, normalize=False).float().cpu())

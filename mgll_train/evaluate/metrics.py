@@ -95,6 +95,17 @@ def percentile_ci(values: np.ndarray, level: float = 0.95) -> list[float | None]
     return [float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail))]
 
 
+def mean_interval(boots: Sequence[np.ndarray]) -> list[float | None]:
+    """The percentile interval of the per-resample mean of several labels' bootstrap values
+    (a resample where any label is NaN is left out); None, None without resamples."""
+    if not boots or not len(boots[0]):
+        return [None, None]
+    with np.errstate(invalid="ignore"):
+        stacked = np.stack(boots)
+        means = np.where(np.isnan(stacked).any(axis=0), np.nan, stacked.mean(axis=0))
+    return percentile_ci(means)
+
+
 def multilabel_auroc(
     labels: np.ndarray,
     scores: np.ndarray,
@@ -145,12 +156,7 @@ def multilabel_auroc(
         if not selected:
             return None, [None, None]
         point = float(np.mean([per_label[s]["auroc"] for s in selected]))
-        if not len(weights):
-            return point, [None, None]
-        with np.errstate(invalid="ignore"):
-            stacked = np.stack([boots[s] for s in selected])
-            means = np.where(np.isnan(stacked).any(axis=0), np.nan, stacked.mean(axis=0))
-        return point, percentile_ci(means)
+        return point, mean_interval([boots[s] for s in selected])
 
     macro, macro_ci = mean_of(list(per_label))
     supported, supported_ci = mean_of([s for s, r in per_label.items() if not r["low_support"]])
@@ -171,9 +177,17 @@ def multilabel_auroc(
     }
 
 
-def macro_auroc_map(labels: np.ndarray, scores: np.ndarray, names: Sequence[str]) -> dict:
-    """Macro AUROC and mAP over the labels with both classes (NaN labels left out)."""
-    aurocs, aps, used = [], [], []
+def macro_auroc_map(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    names: Sequence[str],
+    bootstrap: int = 0,
+    seed: int = 0,
+) -> dict:
+    """Macro AUROC and mAP over the labels with both classes (NaN labels left out); with
+    ``bootstrap`` resamples of the images, also the macro AUROC's 95 % interval."""
+    weights = bootstrap_weights(len(labels), bootstrap, seed) if bootstrap > 0 else None
+    aurocs, aps, used, boots = [], [], [], []
     for j, name in enumerate(names):
         keep = ~np.isnan(labels[:, j])
         y = labels[keep, j] > 0
@@ -182,8 +196,61 @@ def macro_auroc_map(labels: np.ndarray, scores: np.ndarray, names: Sequence[str]
         aurocs.append(auroc(y, scores[keep, j]))
         aps.append(average_precision(y, scores[keep, j]))
         used.append(name)
-    return {
+        if weights is not None:
+            boots.append(weighted_auroc(y, scores[keep, j], weights[:, keep]))
+    out = {
         "macro_auroc": float(np.mean(aurocs)) if aurocs else None,
         "map": float(np.mean(aps)) if aps else None,
         "labels": used,
+    }
+    if weights is not None:
+        out["macro_auroc_ci95"] = mean_interval(boots)
+    return out
+
+
+def single_class(labels: np.ndarray, names: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """``[N]`` the index into ``classes`` of each row's one positive class; −1 for a row with
+    none or several positive among ``classes`` (left out of a single-label score)."""
+    columns = [list(names).index(c) for c in classes]
+    positive = np.nan_to_num(labels[:, columns], nan=0.0) > 0
+    return np.where(positive.sum(axis=1) == 1, positive.argmax(axis=1), -1)
+
+
+def multiclass_metrics(
+    classes: np.ndarray,
+    predicted: np.ndarray,
+    names: Sequence[str],
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Accuracy and macro F1 of a single-label prediction, with bootstrap 95 % intervals.
+
+    ``classes`` and ``predicted`` ``[N]`` hold class indices into ``names``. A class's F1 is
+    2·TP / (2·TP + FP + FN), 0 where that is 0/0 (as scikit-learn's ``zero_division=0``); macro
+    F1 is their mean over all ``names``. Resamples multiply images as in ``multilabel_auroc``.
+    """
+    y, p = np.asarray(classes), np.asarray(predicted)
+    weights = np.ones((1, len(y)))
+    if bootstrap > 0:
+        weights = np.concatenate([weights, bootstrap_weights(len(y), bootstrap, seed)])
+    correct = weights @ (y == p)
+    accuracy = correct / weights.sum(axis=1)
+    f1 = []
+    for c in range(len(names)):
+        tp = weights @ ((p == c) & (y == c))
+        wrong = weights @ ((p == c) != (y == c))  # false positives and false negatives
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1.append(np.where(2 * tp + wrong > 0, 2 * tp / (2 * tp + wrong), 0.0))
+    macro_f1 = np.mean(f1, axis=0)
+    return {
+        "accuracy": float(accuracy[0]),
+        "accuracy_ci95": percentile_ci(accuracy[1:]) if bootstrap > 0 else [None, None],
+        "macro_f1": float(macro_f1[0]),
+        "macro_f1_ci95": percentile_ci(macro_f1[1:]) if bootstrap > 0 else [None, None],
+        "per_class": {
+            name: {"f1": float(f1[c][0]), "images": int((y == c).sum())}
+            for c, name in enumerate(names)
+        },
+        "images": int(len(y)),
+        "bootstrap": bootstrap,
     }

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from ..data import MgllDataset, collate
+from ..data.normalize import model_input
 from .features import Features, extract_features, patient_ids
 from .metrics import macro_auroc_map
 
@@ -166,7 +167,7 @@ def finetune_and_score(
     visual = copy.deepcopy(model.visual).to(device)
     for p in visual.parameters():
         p.requires_grad_(True)
-    dim = int(model.encode_image(eval_set[0]["image"][None].to(device)).shape[-1])
+    dim = int(model.encode_image(model_input(eval_set[0]["image"][None], model, device)).shape[-1])
     net = _Classifier(visual, dim, num_labels).to(device)
     optimizer = torch.optim.AdamW(
         net.parameters(), lr=args.finetune_lr, betas=(0.9, 0.95), weight_decay=1e-3
@@ -187,7 +188,8 @@ def finetune_and_score(
     for _ in range(args.probe_epochs):
         for batch in loader:
             set_lr(step)
-            loss = _masked_bce(net(batch["images"].to(device)), batch["labels"].to(device))
+            images = model_input(batch["images"], model, device)
+            loss = _masked_bce(net(images), batch["labels"].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
@@ -197,7 +199,7 @@ def finetune_and_score(
     out = []
     with torch.no_grad():
         for batch in DataLoader(eval_set, batch_size=args.batch_size, collate_fn=collate):
-            out.append(net(batch["images"].to(device)).float().cpu())
+            out.append(net(model_input(batch["images"], model, device)).float().cpu())
     return torch.cat(out).numpy()
 
 
@@ -260,7 +262,9 @@ def probe_block(
             logits = finetune_and_score(model, train_set, rows, eval_set, len(names), args, device)
         else:
             logits = _linear_logits(train_feats.image[rows], labels[rows], feats.image, args)
-        result = macro_auroc_map(feats.labels, logits, names)
+        # fit's evaluation runs no probe; its args have no --bootstrap
+        bootstrap = getattr(args, "bootstrap", 0)
+        result = macro_auroc_map(feats.labels, logits, names, bootstrap, args.seed)
         result |= {
             "train_images": int(len(rows)),
             "train_patients": len({patients[r] for r in rows}),

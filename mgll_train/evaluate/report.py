@@ -72,17 +72,49 @@ def roc_figure(metrics: dict[str, Any], extras: dict[str, Any]) -> Any:
     return fig
 
 
+def segmentation_figure(examples: dict[str, Any]) -> Any:
+    """A few test images (one row each): the image, the true mask, the predicted mask (the
+    decoder trained on 100 % of the training split), masks drawn over the image in colour."""
+    import matplotlib.pyplot as plt
+
+    images = examples["images"]
+    fig, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.6 * len(images)), squeeze=False)
+    layers = (None, examples["true"], examples["predicted"])
+    for i, image in enumerate(images):
+        titles = (
+            str(examples["ids"][i])[-28:],
+            "true mask",
+            f"predicted (Dice {examples['dice'][i]:.2f})",
+        )
+        for ax, masks, title in zip(axes[i], layers, titles, strict=True):
+            ax.imshow(image, cmap="gray")
+            if masks is not None:
+                ax.imshow(np.ma.masked_where(~masks[i], masks[i]), cmap="autumn", alpha=0.5)
+            ax.set_title(title, fontsize=8)
+            ax.set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
 def write_plots(metrics: dict[str, Any], extras: dict[str, Any], out: Path) -> list[Path]:
-    """ROC curves per label and per-label AUROC bars with CIs (matplotlib, Agg)."""
+    """ROC curves per label and per-label AUROC bars with CIs, and the segmentation examples
+    (matplotlib, Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    written = []
+    examples = extras.get("segmentation_examples") or {}
+    if examples.get("images") is not None:
+        fig = segmentation_figure(examples)
+        path = out / "segmentation_examples.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
     zs = metrics.get("zeroshot")
     if not zs or not zs["per_label"]:
-        return []
-    written = []
+        return written
     names = list(zs["per_label"])
     fig = roc_figure(metrics, extras)
     path = out / "roc_curves.png"

@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 
-from ..data import make_dataset
+from ..data import MgllDataset, SampleTransform, make_dataset
 from ..errors import UserError
 from .features import eval_transform, extract_features
 from .flags import TASKS
 from .probe import probe_block
 from .retrieval import retrieval_block
+from .segmentation import segmentation_block, with_masks
 from .zeroshot import zeroshot_block
 
 
@@ -43,17 +44,22 @@ def evaluate_model(
     started = time.time()
     transform = eval_transform(model, tokenizer, args)
     dataset = make_dataset(data, transform, split=split, seed=args.seed)
-    feats = extract_features(
-        model,
-        dataset,
-        args.batch_size,
-        args.workers,
-        device,
-        texts="retrieval" in tasks,
-        progress=progress,
-    )
-    metrics: dict[str, Any] = {"data": data, "split": split, "images": len(feats.ids)}
-    extras: dict[str, Any] = {"labels": feats.labels, "names": dataset.label_names}
+    metrics: dict[str, Any] = {"data": data, "split": split, "images": len(dataset)}
+    extras: dict[str, Any] = {"names": dataset.label_names}
+    if "segmentation" in tasks:  # checked first: a build without masks fails before any work
+        seg_train = _train_set(train_data, train_split, transform, args, "segmentation")
+        seg_sets = (with_masks(seg_train), with_masks(dataset))
+    if set(tasks) - {"segmentation"}:  # the tasks on pooled features
+        feats = extract_features(
+            model,
+            dataset,
+            args.batch_size,
+            args.workers,
+            device,
+            texts="retrieval" in tasks,
+            progress=progress,
+        )
+        extras["labels"] = feats.labels
     if "zeroshot" in tasks:
         metrics["zeroshot"], extras["zeroshot_scores"] = zeroshot_block(
             model, tokenizer, dataset, feats, args, device
@@ -61,13 +67,24 @@ def evaluate_model(
     if "retrieval" in tasks:
         metrics["retrieval"] = retrieval_block(feats.image, feats.text, feats.labels)
     if "linear-probe" in tasks:
-        if not train_data:
-            raise UserError(
-                "linear-probe needs training data: the checkpoint names none; give --train-data"
-            )
-        train_set = make_dataset(train_data, transform, split=train_split, seed=args.seed)
+        train_set = _train_set(train_data, train_split, transform, args, "linear-probe")
         metrics["linear_probe"] = probe_block(
             model, train_set, dataset, feats, train_data, train_split, args, device, progress
         )
+    if "segmentation" in tasks:
+        shown: dict[str, Any] = {}
+        metrics["segmentation"] = segmentation_block(
+            model, *seg_sets, str(train_data), train_split, args, device, progress, examples=shown
+        )
+        extras["segmentation_examples"] = shown
     metrics["seconds"] = round(time.time() - started, 2)
     return metrics, extras
+
+
+def _train_set(
+    train_data: str | None, train_split: str, transform: SampleTransform, args: Any, task: str
+) -> MgllDataset:
+    """The training split a task learns from; a one-line error when no data is named."""
+    if not train_data:
+        raise UserError(f"{task} needs training data: the checkpoint names none; give --train-data")
+    return make_dataset(train_data, transform, split=train_split, seed=args.seed)

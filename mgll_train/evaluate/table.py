@@ -112,6 +112,36 @@ def _retrieval(rt: dict[str, Any]) -> list[str]:
     return ["", title, *aligned(rows)]
 
 
+def _segmentation(seg: dict[str, Any]) -> list[str]:
+    keys = [k for k in (f"{f:.0%}" for f in PROBE_FRACTIONS) if k in seg]
+    cis = _intervals([seg[k]["dice_ci"] for k in keys] + [seg[k]["iou_ci"] for k in keys])
+    rows = [["subset", "Dice", "95 % CI", "IoU", "95 % CI", "train images", "with region"]]
+    for i, key in enumerate(keys):
+        r = seg[key]
+        rows.append(
+            [
+                f"{key} of {seg['train_split']}",
+                number(r["dice"]),
+                cis[i],
+                number(r["iou"]),
+                cis[len(keys) + i],
+                str(r["train_images"]),
+                str(r.get("train_positives", "")),
+            ]
+        )
+    balanced = ", negatives balanced 1:1" if seg.get("balance_negatives") else ""
+    title = f"segmentation ({seg['decoder']} decoder, {seg['epochs']} epochs{balanced})"
+    lines = ["", title, *aligned(rows)]
+    if keys:
+        r = seg[keys[-1]]
+        lines += note(
+            f"per-image mean over {r['test_images']} test images with a mask "
+            f"({r.get('test_positives', '?')} with a region); an image whose true and predicted "
+            "masks are both empty scores 1"
+        )
+    return lines
+
+
 def format_table(metrics: dict[str, Any]) -> str:
     """A readable summary of metrics.json."""
     lines = [
@@ -124,4 +154,6 @@ def format_table(metrics: dict[str, Any]) -> str:
         lines += _probe(metrics["linear_probe"])
     if metrics.get("retrieval"):
         lines += _retrieval(metrics["retrieval"])
+    if metrics.get("segmentation"):
+        lines += _segmentation(metrics["segmentation"])
     return "\n".join(lines)

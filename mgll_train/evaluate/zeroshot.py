@@ -3,7 +3,8 @@
 Per label, the positive and negative prompts of the vocabulary (`schemas/<domain>.yaml`, the
 domain from the dataset's `mgll` metadata) are embedded, normalised, averaged and re-normalised
 (a prompt ensemble); an image's score is `cos(v, pos) − cos(v, neg)`, which ranks images exactly
-as the softmax over the two does.
+as the softmax over the two does. Multi-class zero-shot (one finding per image, as CheXpert
+5x200) takes the class whose positive ensemble is nearest: the argmax of the softmax over them.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import torch
 
 from ..data import MgllDataset
 from ..data.tokenizer import TextTokenizer
+from ..errors import UserError
 from .features import Features
 from .flags import MIN_SUPPORT
-from .metrics import multilabel_auroc
+from .metrics import multiclass_metrics, multilabel_auroc, single_class
 
 # The vocabulary of a dataset whose `mgll` block names no domain.
 DEFAULT_DOMAIN = "chest_xray"
@@ -91,3 +93,47 @@ def zeroshot_block(
     )
     block["domain"] = domain
     return block, scores
+
+
+def multiclass_zeroshot_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    image_features: np.ndarray,
+    classes: Sequence[str],
+    prompts: dict[str, tuple[Sequence[str], Sequence[str]]],
+    device: torch.device,
+) -> np.ndarray:
+    """``[N, C]`` cos(v, positive ensemble of each class); a class without prompts is an error."""
+    missing = [c for c in classes if not prompts.get(c, ((), ()))[0]]
+    if missing:
+        raise UserError(f"the vocabulary has no positive prompts for {', '.join(missing)}")
+    was_training = model.training
+    model.eval()
+    img = torch.from_numpy(image_features)
+    img = img / img.norm(dim=1, keepdim=True)
+    ensembles = [prompt_embeddings(model, tokenizer, prompts[c][0], device).cpu() for c in classes]
+    model.train(was_training)
+    return (img @ torch.stack(ensembles).T).double().numpy()
+
+
+def zeroshot_multiclass_block(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    dataset: MgllDataset,
+    feats: Features,
+    classes: Sequence[str],
+    args: Any,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The ``zeroshot_multiclass`` block: accuracy and macro F1 of the argmax over ``classes``
+    on the rows positive for exactly one of them (the others are counted, not scored)."""
+    domain = dataset.records.metadata[0].get("domain", DEFAULT_DOMAIN)
+    truth = single_class(feats.labels, dataset.label_names, classes)
+    scores = multiclass_zeroshot_scores(
+        model, tokenizer, feats.image, classes, vocabulary_prompts(domain), device
+    )
+    scored = truth >= 0
+    block = multiclass_metrics(
+        truth[scored], scores[scored].argmax(axis=1), classes, args.bootstrap, args.seed
+    )
+    return block | {"classes": list(classes), "left_out": int((~scored).sum())}
