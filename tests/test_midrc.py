@@ -200,7 +200,8 @@ def test_commons_rows_covid_window_mrale_and_nested_zips(commons):
         assert extra["dicom"]["Modality"] == "DX"
     c2 = studies["C2"][0]
     assert _labels(c2) == {"COVID-19": 0.0}  # -30 positive is outside the window; day 0 negative
-    assert c2["text_category"] == "No Finding" and c2["modality"] == "CR"
+    # COVID-negative says nothing of other findings: not the normals' "No Finding"
+    assert c2["text_category"] == "No COVID-19" and c2["modality"] == "CR"
     assert json.loads(c2["extra"])["mrale"]["quality_issue"] == "Other QA"
     assert _labels(studies["C4"][0]) == {"COVID-19": -1.0}
     assert studies["C4"][0]["text_category"] == "Possible COVID-19"

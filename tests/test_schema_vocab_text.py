@@ -123,7 +123,12 @@ def test_category_formatter():
     assert format_category(_labels(Edema=-1.0, Atelectasis=-1.0, Mass=0.0), VOCAB) == (
         "Possible Edema, Atelectasis"
     )
-    assert format_category(_labels(Edema=0.0), VOCAB) == "No Finding"
+    # Negatives without No Finding = 1 are not a normal study: they are named
+    assert format_category(_labels(Edema=0.0), VOCAB) == "No Edema"
+    assert format_category(_labels(Pneumothorax=0.0, Edema=0.0, No_Finding=0.0), VOCAB) == (
+        "No Edema, Pneumothorax"  # vocabulary order
+    )
+    assert format_category(_labels(Edema=0.0, No_Finding=1.0), VOCAB) == "No Finding"
     assert format_category(_labels(No_Finding=1.0), VOCAB) == "No Finding"
     assert format_category([NAN] * len(VOCAB), VOCAB) == "No Finding"
 
@@ -150,4 +155,10 @@ def test_label_descriptions_and_explanations():
     assert explanation == " ".join(
         VOCAB.label(n).explanation for n in ("Cardiomegaly", "Pleural Effusion")
     )
-    assert explain_labels(_labels(Edema=0.0), VOCAB) == VOCAB.label("No Finding").explanation
+    no_finding = VOCAB.label("No Finding").explanation
+    assert explain_labels(_labels(Edema=0.0, No_Finding=1.0), VOCAB) == no_finding
+    assert explain_labels([NAN] * len(VOCAB), VOCAB) == no_finding
+    phrases = (VOCAB.label("Edema").phrase, VOCAB.label("Pneumothorax").phrase)
+    assert explain_labels(_labels(Pneumothorax=0.0, Edema=0.0), VOCAB) == (
+        f"No {phrases[0]} or {phrases[1]}."
+    )

@@ -277,7 +277,7 @@ def test_siim_build_opens_with_counts_masks_and_quarantine(siim):
 def test_siim_texts_come_from_the_label(siim):
     _, _, out = siim
     texts = {(r["text_category"], r["text_description"]) for r in _rows(out)}
-    assert texts == {("Pneumothorax", "Pneumothorax."), ("No Finding", "No pneumothorax.")}
+    assert texts == {("Pneumothorax", "Pneumothorax."), ("No Pneumothorax", "No pneumothorax.")}
 
 
 # --- RSNA Pneumonia -----------------------------------------------------------------------------

@@ -30,15 +30,30 @@ def positive_names(labels: Sequence[float], vocab: Vocabulary) -> list[str]:
     return [name for name, v in zip(vocab.names, labels, strict=True) if v == 1.0]
 
 
+def _unasserted_normal(labels: Sequence[float], vocab: Vocabulary) -> list[str]:
+    """The annotated negatives of an image that nothing marks as normal: `No Finding` is in the
+    vocabulary but not 1, and some labels are 0. Empty otherwise.
+
+    A release that annotates one finding (SIIM-ACR's pneumothorax, Object-CXR's foreign
+    objects) says nothing about the rest: its negatives are "no pneumothorax", not normal
+    radiographs, and must not share the normals' text.
+    """
+    if NO_FINDING not in vocab.names or labels[vocab.names.index(NO_FINDING)] == 1.0:
+        return []
+    return _names_with(labels, vocab, 0.0)
+
+
 def format_category(labels: Sequence[float], vocab: Vocabulary) -> str:
-    """Granularity 1: positives joined by ', '; else `Possible X, Y`; else `No Finding`."""
+    """Granularity 1: positives joined by ', '; else `Possible X, Y`; else `No Finding` when
+    it is 1 (or nothing says otherwise); else the annotated negatives, `No X, Y`."""
     positives = _names_with(labels, vocab, 1.0)
     if positives:
         return ", ".join(positives)
     uncertain = _names_with(labels, vocab, -1.0)
     if uncertain:
         return "Possible " + ", ".join(uncertain)
-    return NO_FINDING
+    negatives = _unasserted_normal(labels, vocab)
+    return "No " + ", ".join(negatives) if negatives else NO_FINDING
 
 
 def join_phrases(phrases: Sequence[str], conjunction: str = "and") -> str:
@@ -80,7 +95,15 @@ def describe_labels(labels: Sequence[float], vocab: Vocabulary, template: Mappin
 def explain_labels(labels: Sequence[float], vocab: Vocabulary) -> str:
     """Granularity 3 for label-only sources: the vocabulary's explanations of the positives.
 
-    With no positive label, the uncertain ones are explained; with neither, `No Finding`'s.
+    With no positive label, the uncertain ones are explained; with neither, `No Finding`'s when
+    it is 1 (or nothing says otherwise), else the annotated negatives are named (`No
+    pneumothorax.`: see `format_category`).
     """
-    names = _names_with(labels, vocab, 1.0) or _names_with(labels, vocab, -1.0) or [NO_FINDING]
+    names = _names_with(labels, vocab, 1.0) or _names_with(labels, vocab, -1.0)
+    if not names:
+        negatives = _unasserted_normal(labels, vocab)
+        if negatives:
+            phrase = {label.name: label.phrase for label in vocab.labels}
+            return _sentence("No {findings}.", [phrase[n] for n in negatives], "or")
+        names = [NO_FINDING]
     return " ".join(vocab.label(name).explanation for name in names)
