@@ -125,9 +125,12 @@ def test_category_formatter():
     )
     # Negatives without No Finding = 1 are not a normal study: they are named
     assert format_category(_labels(Edema=0.0), VOCAB) == "No Edema"
-    assert format_category(_labels(Pneumothorax=0.0, Edema=0.0, No_Finding=0.0), VOCAB) == (
+    assert format_category(_labels(Pneumothorax=0.0, Edema=0.0), VOCAB) == (
         "No Edema, Pneumothorax"  # vocabulary order
     )
+    # Marked abnormal with none of the vocabulary's findings (PadChest's scoliosis alone)
+    assert format_category(_labels(Edema=0.0, No_Finding=0.0), VOCAB) == "Other Finding"
+    assert format_category(_labels(No_Finding=0.0), VOCAB) == "Other Finding"
     assert format_category(_labels(Edema=0.0, No_Finding=1.0), VOCAB) == "No Finding"
     assert format_category(_labels(No_Finding=1.0), VOCAB) == "No Finding"
     assert format_category([NAN] * len(VOCAB), VOCAB) == "No Finding"
@@ -158,6 +161,8 @@ def test_label_descriptions_and_explanations():
     no_finding = VOCAB.label("No Finding").explanation
     assert explain_labels(_labels(Edema=0.0, No_Finding=1.0), VOCAB) == no_finding
     assert explain_labels([NAN] * len(VOCAB), VOCAB) == no_finding
+    other = "A finding outside the labelled categories."
+    assert explain_labels(_labels(Edema=0.0, No_Finding=0.0), VOCAB) == other
     phrases = (VOCAB.label("Edema").phrase, VOCAB.label("Pneumothorax").phrase)
     assert explain_labels(_labels(Pneumothorax=0.0, Edema=0.0), VOCAB) == (
         f"No {phrases[0]} or {phrases[1]}."

@@ -30,28 +30,45 @@ def positive_names(labels: Sequence[float], vocab: Vocabulary) -> list[str]:
     return [name for name, v in zip(vocab.names, labels, strict=True) if v == 1.0]
 
 
+# The category of a study marked abnormal (`No Finding` 0) with none of the vocabulary's
+# findings: PadChest's scoliosis or aortic elongation alone.
+OTHER_FINDING = "Other Finding"
+OTHER_FINDING_EXPLANATION = "A finding outside the labelled categories."
+
+
+def _no_finding(labels: Sequence[float], vocab: Vocabulary) -> float | None:
+    """The `No Finding` value (NaN: not annotated), or None without such a label (fundus)."""
+    if NO_FINDING not in vocab.names:
+        return None
+    return labels[vocab.names.index(NO_FINDING)]
+
+
 def _unasserted_normal(labels: Sequence[float], vocab: Vocabulary) -> list[str]:
-    """The annotated negatives of an image that nothing marks as normal: `No Finding` is in the
-    vocabulary but not 1, and some labels are 0. Empty otherwise.
+    """The annotated negatives of an image whose `No Finding` is not annotated. Empty
+    otherwise.
 
     A release that annotates one finding (SIIM-ACR's pneumothorax, Object-CXR's foreign
     objects) says nothing about the rest: its negatives are "no pneumothorax", not normal
     radiographs, and must not share the normals' text.
     """
-    if NO_FINDING not in vocab.names or labels[vocab.names.index(NO_FINDING)] == 1.0:
+    value = _no_finding(labels, vocab)
+    if value is None or not math.isnan(value):
         return []
     return _names_with(labels, vocab, 0.0)
 
 
 def format_category(labels: Sequence[float], vocab: Vocabulary) -> str:
-    """Granularity 1: positives joined by ', '; else `Possible X, Y`; else `No Finding` when
-    it is 1 (or nothing says otherwise); else the annotated negatives, `No X, Y`."""
+    """Granularity 1: positives joined by ', '; else `Possible X, Y`; else `Other Finding` when
+    `No Finding` is 0; else, when `No Finding` is not annotated, the annotated negatives, `No X,
+    Y`; else `No Finding`."""
     positives = _names_with(labels, vocab, 1.0)
     if positives:
         return ", ".join(positives)
     uncertain = _names_with(labels, vocab, -1.0)
     if uncertain:
         return "Possible " + ", ".join(uncertain)
+    if _no_finding(labels, vocab) == 0.0:
+        return OTHER_FINDING
     negatives = _unasserted_normal(labels, vocab)
     return "No " + ", ".join(negatives) if negatives else NO_FINDING
 
@@ -95,12 +112,14 @@ def describe_labels(labels: Sequence[float], vocab: Vocabulary, template: Mappin
 def explain_labels(labels: Sequence[float], vocab: Vocabulary) -> str:
     """Granularity 3 for label-only sources: the vocabulary's explanations of the positives.
 
-    With no positive label, the uncertain ones are explained; with neither, `No Finding`'s when
-    it is 1 (or nothing says otherwise), else the annotated negatives are named (`No
-    pneumothorax.`: see `format_category`).
+    With no positive label, the uncertain ones are explained; with neither, as the category
+    (`format_category`): a finding outside the categories, the annotated negatives named (`No
+    pneumothorax.`), or `No Finding`'s explanation.
     """
     names = _names_with(labels, vocab, 1.0) or _names_with(labels, vocab, -1.0)
     if not names:
+        if _no_finding(labels, vocab) == 0.0:
+            return OTHER_FINDING_EXPLANATION
         negatives = _unasserted_normal(labels, vocab)
         if negatives:
             phrase = {label.name: label.phrase for label in vocab.labels}
