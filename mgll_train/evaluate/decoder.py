@@ -20,7 +20,7 @@ from ..data.normalize import model_input
 from ..errors import UserError
 from ..losses.g2d import SegmentationDecoder, dice_bce
 from ..tokens import TokenCapture
-from .features import eval_batches
+from .features import eval_batches, evaluating
 
 BATCH = 16
 UNKNOWN = 2  # the stored mask value of a row without a mask (a null `mask` cell)
@@ -74,20 +74,18 @@ def extract_tokens(
 ) -> TokenSet:
     """Patch tokens and masks of every row of ``dataset`` (samples with ``mask``)."""
     vit_shape(model)
-    was_training = model.training
-    model.eval()
     capture = TokenCapture(model)
     tokens, masks = [], []
     grid = (0, 0)
-    for batch in eval_batches(dataset, batch_size, workers, "patch tokens", progress):
-        with capture.running(image=True, text=False):
-            model.encode_image(model_input(batch["images"], model, device))
-        image = capture.image_tokens()
-        grid = image.grid
-        tokens.append(image.patches.half().cpu())
-        mask = batch["masks"]
-        masks.append(torch.where(mask.isnan(), UNKNOWN, mask).to(torch.uint8))
-    model.train(was_training)
+    with evaluating(model):
+        for batch in eval_batches(dataset, batch_size, workers, "patch tokens", progress):
+            with capture.running(image=True, text=False):
+                model.encode_image(model_input(batch["images"], model, device))
+            image = capture.image_tokens()
+            grid = image.grid
+            tokens.append(image.patches.half().cpu())
+            mask = batch["masks"]
+            masks.append(torch.where(mask.isnan(), UNKNOWN, mask).to(torch.uint8))
     return TokenSet(torch.cat(tokens), torch.cat(masks), grid)
 
 

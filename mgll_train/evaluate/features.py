@@ -6,6 +6,7 @@ features of a checkpoint are the same on every run.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,17 @@ def eval_transform(model: torch.nn.Module, tokenizer: Any, args: Any) -> SampleT
     )
 
 
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode for the block, then back in the mode it had (also on errors)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def eval_batches(
     dataset: Any, batch_size: int, workers: int, desc: str, progress: bool | None = None
 ) -> Iterator[dict[str, Any]]:
@@ -88,18 +100,16 @@ def extract_features(
 
     ``progress``: a bar over the batches; None draws it only when stderr is a terminal.
     """
-    was_training = model.training
-    model.eval()
     images, text_feats, labels, ids = [], [], [], []
-    for batch in eval_batches(dataset, batch_size, workers, "features", progress):
-        pixels = model_input(batch["images"], model, device)
-        images.append(model.encode_image(pixels, normalize=False).float().cpu())
-        if texts:
-            tokens = batch["texts"][0].to(device)
-            text_feats.append(model.encode_text(tokens, normalize=False).float().cpu())
-        labels.append(batch["labels"])
-        ids.extend(batch["ids"])
-    model.train(was_training)
+    with evaluating(model):
+        for batch in eval_batches(dataset, batch_size, workers, "features", progress):
+            pixels = model_input(batch["images"], model, device)
+            images.append(model.encode_image(pixels, normalize=False).float().cpu())
+            if texts:
+                tokens = batch["texts"][0].to(device)
+                text_feats.append(model.encode_text(tokens, normalize=False).float().cpu())
+            labels.append(batch["labels"])
+            ids.extend(batch["ids"])
     return Features(
         image=torch.cat(images).numpy(),
         text=torch.cat(text_feats).numpy() if texts else None,

@@ -18,7 +18,7 @@ import torch
 from ..data import MgllDataset
 from ..data.tokenizer import TextTokenizer
 from ..errors import UserError
-from .features import Features
+from .features import Features, evaluating
 from .flags import MIN_SUPPORT
 from .metrics import multiclass_metrics, multilabel_auroc, single_class
 
@@ -54,23 +54,26 @@ def zeroshot_scores(
     device: torch.device,
 ) -> tuple[np.ndarray, list[bool]]:
     """``([N, K] scores, usable)``: cos(v, positive ensemble) − cos(v, negative ensemble)."""
-    was_training = model.training
-    model.eval()
-    img = torch.from_numpy(image_features)
-    img = img / img.norm(dim=1, keepdim=True)
+    img = _unit_rows(image_features)
     scores = np.zeros((len(img), len(label_names)), dtype=np.float64)
     usable = []
-    for j, name in enumerate(label_names):
-        pos, neg = prompts.get(name, ((), ()))
-        if not pos or not neg:
-            usable.append(False)
-            continue
-        p = prompt_embeddings(model, tokenizer, pos, device).cpu()
-        q = prompt_embeddings(model, tokenizer, neg, device).cpu()
-        scores[:, j] = (img @ p - img @ q).double().numpy()
-        usable.append(True)
-    model.train(was_training)
+    with evaluating(model):
+        for j, name in enumerate(label_names):
+            pos, neg = prompts.get(name, ((), ()))
+            if not pos or not neg:
+                usable.append(False)
+                continue
+            p = prompt_embeddings(model, tokenizer, pos, device).cpu()
+            q = prompt_embeddings(model, tokenizer, neg, device).cpu()
+            scores[:, j] = (img @ p - img @ q).double().numpy()
+            usable.append(True)
     return scores, usable
+
+
+def _unit_rows(image_features: np.ndarray) -> torch.Tensor:
+    """The image features as a tensor, each row L2-normalised."""
+    img = torch.from_numpy(image_features)
+    return img / img.norm(dim=1, keepdim=True)
 
 
 def zeroshot_block(
@@ -107,13 +110,11 @@ def multiclass_zeroshot_scores(
     missing = [c for c in classes if not prompts.get(c, ((), ()))[0]]
     if missing:
         raise UserError(f"the vocabulary has no positive prompts for {', '.join(missing)}")
-    was_training = model.training
-    model.eval()
-    img = torch.from_numpy(image_features)
-    img = img / img.norm(dim=1, keepdim=True)
-    ensembles = [prompt_embeddings(model, tokenizer, prompts[c][0], device).cpu() for c in classes]
-    model.train(was_training)
-    return (img @ torch.stack(ensembles).T).double().numpy()
+    with evaluating(model):
+        ensembles = [
+            prompt_embeddings(model, tokenizer, prompts[c][0], device).cpu() for c in classes
+        ]
+    return (_unit_rows(image_features) @ torch.stack(ensembles).T).double().numpy()
 
 
 def zeroshot_multiclass_block(
