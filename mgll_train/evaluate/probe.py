@@ -215,7 +215,7 @@ def align_labels(
     return out
 
 
-def _linear_logits(
+def linear_logits(
     train_features: np.ndarray, train_labels: np.ndarray, eval_features: np.ndarray, args: Any
 ) -> np.ndarray:
     """Eval-split logits of a linear head trained on the frozen training features."""
@@ -261,7 +261,7 @@ def probe_block(
         if train_feats is None:
             logits = finetune_and_score(model, train_set, rows, eval_set, len(names), args, device)
         else:
-            logits = _linear_logits(train_feats.image[rows], labels[rows], feats.image, args)
+            logits = linear_logits(train_feats.image[rows], labels[rows], feats.image, args)
         # fit's evaluation runs no probe; its args have no --bootstrap
         bootstrap = getattr(args, "bootstrap", 0)
         result = macro_auroc_map(feats.labels, logits, names, bootstrap, args.seed)

@@ -17,7 +17,7 @@ import torch
 from ..data import MgllDataset
 from .features import Features, extract_features
 from .metrics import multiclass_metrics, single_class
-from .probe import PROBE_FRACTIONS, draw_patient_subset, train_linear_head
+from .probe import PROBE_FRACTIONS, draw_patient_subset, linear_logits
 
 
 def multiclass_probe_block(
@@ -48,15 +48,7 @@ def multiclass_probe_block(
     }
     for fraction in PROBE_FRACTIONS:
         rows = draw_patient_subset(patients, onehot, fraction, args.seed).rows
-        head = train_linear_head(
-            train.image[usable][rows],
-            onehot[rows],
-            epochs=args.probe_epochs,
-            lr=args.probe_lr,
-            seed=args.seed,
-        )
-        with torch.no_grad():
-            logits = head(torch.from_numpy(feats.image[scored])).numpy()
+        logits = linear_logits(train.image[usable][rows], onehot[rows], feats.image[scored], args)
         result = multiclass_metrics(
             truth[scored], logits.argmax(axis=1), classes, args.bootstrap, args.seed
         )
