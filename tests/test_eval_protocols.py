@@ -9,7 +9,9 @@ hand, never by the code under test.
 
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import gzip
 import itertools
 import json
@@ -30,8 +32,10 @@ from mgll_train.checkpoint import save_checkpoint
 from mgll_train.cli import main
 from mgll_train.data.labels import PerLabelPolicy, apply_label_policy
 from mgll_train.evaluate.cli import load_model_from_checkpoint
+from mgll_train.evaluate.flags import add_eval_arguments, eval_defaults
 from mgll_train.evaluate.metrics import multiclass_metrics, single_class
-from mgll_train.evaluate.protocols import PROTOCOLS
+from mgll_train.evaluate.protocols import CHEXPERT_COMPETITION, PROTOCOLS
+from mgll_train.evaluate.suite import protocol_args
 from mgll_train.evaluate.zeroshot import (
     multiclass_zeroshot_scores,
     prompt_embeddings,
@@ -280,6 +284,37 @@ def test_a_flag_the_protocol_fixes_is_a_one_line_error(builds, tmp_path, capsys)
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and flag in err and "chexpert-probe v1" in err
+
+
+def test_a_fixed_flag_given_at_its_default_value_is_still_a_conflict(builds, tmp_path, capsys):
+    """Each flag below is given the value it has when left out, which is not what the protocol
+    runs (its per-label uncertain policy, unmentioned as negative, its one task): refused."""
+    for flags in [["--uncertain", "ignore"], ["--unmentioned", "ignore"],
+                  ["--tasks", "zeroshot,linear-probe,retrieval"]]:  # fmt: skip
+        with pytest.raises(SystemExit) as exc:
+            _eval(builds, tmp_path, "--protocol", "chexpert-probe", "--data",
+                  str(builds.chexpert), *flags)  # fmt: skip
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert f"{' '.join(flags)} conflicts with protocol chexpert-probe v1" in err
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_budget_flag_given_at_its_default_value_wins_and_is_an_override_if_it_differs():
+    """A protocol whose budget differs from the flags' defaults: a flag given at its default
+    value still wins over the protocol's (and is an override); one equal to the protocol's is
+    no override; one not given takes the protocol's."""
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    budget = (("probe_epochs", 7), ("probe_lr", 0.001), ("finetune_lr", 0.5))
+    protocol = dataclasses.replace(PROTOCOLS["chexpert-probe"], defaults=budget)
+    args = parser.parse_args(["--checkpoint", "c.pt", "--out", "o", "--probe-epochs", "50",
+                              "--probe-lr", "0.001"])  # fmt: skip
+    assert eval_defaults()["probe_epochs"] == 50  # the flag's own default
+    run, overrides = protocol_args(protocol, args, list(CHEXPERT_COMPETITION))
+    assert (run.probe_epochs, run.probe_lr, run.finetune_lr) == (50, 0.001, 0.5)
+    assert overrides == {"probe_epochs": 50}
 
 
 def test_a_build_of_another_release_is_refused(builds, tmp_path, capsys):

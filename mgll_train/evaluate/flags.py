@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from ..choices import UNCERTAIN_POLICIES, UNMENTIONED_POLICIES
 from ..config import non_negative_int, positive_int
@@ -18,10 +19,14 @@ SEG_EPOCHS = 20
 SEG_LR = 1e-3
 # Per-label AUROC on fewer positives or negatives than this is marked as low support.
 MIN_SUPPORT = 5
+# The namespace attribute naming the flags given on the command line (by dest): a flag given
+# its default value is still given, which `--protocol` must tell from one left unset.
+EXPLICIT = "explicit_flags"
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `mgll-train eval`."""
+    """The flags of `mgll-train eval`; the namespace's `explicit_flags` names those given."""
+    _record_explicit_flags(parser)
     required = parser.add_argument_group("required arguments")
     required.add_argument(
         "--checkpoint", type=Path, required=True, help="a .pt checkpoint written by fit"
@@ -166,6 +171,45 @@ def _protocol_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --suite: a folder holding builds (one per release), each recognised by the "
         "pipeline its rows' source column names, whatever the folder is called (default: none)",
     )
+
+
+def _record_explicit_flags(parser: argparse.ArgumentParser) -> None:
+    """Make the flags added to `parser` from now on note their dest in `explicit_flags`.
+
+    argparse calls a flag's action only when the flag is on the command line, never for its
+    default, so a value given that equals the default is still noted.
+    """
+    parser.set_defaults(**{EXPLICIT: frozenset()})
+    for name in (None, "store", "store_true"):  # None: add_argument without action=
+        parser.register("action", name, _noting(parser._registry_get("action", name)))
+
+
+def _noting(action: type[argparse.Action]) -> type[argparse.Action]:
+    """`action`, noting its dest in the namespace's `explicit_flags` when called."""
+
+    class Noting(action):  # type: ignore[valid-type, misc]
+        def __call__(
+            self,
+            parser: argparse.ArgumentParser,
+            namespace: argparse.Namespace,
+            values: Any,
+            option_string: str | None = None,
+        ) -> None:
+            super().__call__(parser, namespace, values, option_string)
+            given = getattr(namespace, EXPLICIT, frozenset())
+            setattr(namespace, EXPLICIT, given | {self.dest})
+
+    return Noting
+
+
+def flag_given(args: argparse.Namespace, dest: str, defaults: dict[str, object]) -> bool:
+    """Whether the user gave `dest`'s flag, even at its default value. A namespace the eval
+    parser did not make (no `explicit_flags`) counts a flag as given when it is not the default.
+    """
+    explicit = getattr(args, EXPLICIT, None)
+    if explicit is not None:
+        return dest in explicit
+    return getattr(args, dest, defaults.get(dest)) != defaults.get(dest)
 
 
 def eval_args_problem(args: argparse.Namespace) -> str | None:

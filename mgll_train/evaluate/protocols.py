@@ -8,9 +8,10 @@ the labels scored, the uncertain policy per label, the training fractions and th
 tables name the protocol and version beside every number.
 
 Settings come in two kinds. ``fixed`` ones define the benchmark (split, labels, uncertain
-policy, fine-tuning or not): a flag set to something else on the command line is an error.
-``defaults`` are training budgets (epochs, learning rates) the protocol starts from; a flag the
-user sets wins and is recorded as an override beside the numbers.
+policy, fine-tuning or not): a flag given on the command line with another value is an error,
+even when that value is the flag's default. ``defaults`` are training budgets (epochs, learning
+rates) the protocol starts from; a flag given on the command line wins, whatever its value, and
+when it differs from the protocol's it is recorded as an override beside the numbers.
 
 Torch-free: the parser reads the names.
 """

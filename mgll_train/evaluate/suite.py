@@ -22,7 +22,7 @@ from ..data import make_dataset, resolve_data
 from ..data.labels import PerLabelPolicy, aligned_label_names, shard_metadata
 from ..errors import UserError
 from .features import eval_transform, extract_features
-from .flags import eval_defaults
+from .flags import eval_defaults, flag_given
 from .metrics import single_class
 from .probe_multiclass import multiclass_probe_block
 from .protocols import KIND_BLOCK, PROTOCOLS, SUITES, Protocol
@@ -92,7 +92,7 @@ def protocol_args(
     }
     for dest, wanted in fixed.items():
         given = getattr(args, dest, defaults.get(dest))
-        if given != defaults.get(dest) and given != wanted:
+        if flag_given(args, dest, defaults) and given != wanted:
             flag = "--" + dest.replace("_", "-")
             shown = flag if isinstance(given, bool) else f"{flag} {given}"
             if wanted is False:
@@ -107,11 +107,10 @@ def protocol_args(
         setattr(run, dest, value)
     overrides = {}
     for dest, value in protocol.defaults:
-        given = getattr(args, dest, defaults.get(dest))
-        if given != defaults.get(dest):
-            overrides[dest] = given
-        else:
+        if not flag_given(args, dest, defaults):
             setattr(run, dest, value)
+        elif getattr(args, dest) != value:
+            overrides[dest] = getattr(args, dest)
     run.uncertain = "ignore"
     if protocol.kind != "segmentation":  # masks are the targets there, not labels
         run.uncertain = PerLabelPolicy.for_names(
