@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import phi_warnings
 from .errors import UserError
@@ -50,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
         help="fsspec options for an --root or --out URL, as a JSON object, e.g. "
         '\'{"requester_pays": true}\' or \'{"client_kwargs": {"endpoint_url": "http://..."}}\'; '
         "credentials come from the environment or the usual config files (default: none)",
+    )
+    build.add_argument(
+        "--out-storage-options",
+        metavar="JSON",
+        default=None,
+        help="fsspec options for an --out URL when they differ from --root's, e.g. a release "
+        "read from a requester-pays gs:// bucket written to your own s3:// bucket (default: "
+        "--storage-options)",
     )
     build.add_argument(
         "--executor",
@@ -211,6 +220,13 @@ def _add_hub_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _out_storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    text = getattr(args, "out_storage_options", None)
+    if text is None:
+        return None
+    return parse_storage_options(text, flag="--out-storage-options")
+
+
 def _add_build_options(
     parser: argparse.ArgumentParser, disposable: bool = False, remote: bool = False
 ) -> None:
@@ -290,6 +306,7 @@ def _build_options(args: argparse.Namespace):
         progress=False if args.no_progress else None,
         crop_borders=getattr(args, "crop_borders", None),
         storage_options=parse_storage_options(getattr(args, "storage_options", None)),
+        out_storage_options=_out_storage_options(args),
         source_options=tuple(
             (key, str(getattr(args, key)))
             for key in ("images", "views", "labels", "section_rules")

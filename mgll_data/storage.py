@@ -13,6 +13,7 @@ when it is parsed, so no message, log or output file ever shows them (`docs/arch
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
 from collections.abc import Iterator
@@ -42,7 +43,7 @@ def parse_location(text: str) -> Location:
     return text if is_url(text) else Path(text)
 
 
-def parse_storage_options(text: str | None) -> dict[str, Any]:
+def parse_storage_options(text: str | None, flag: str = "--storage-options") -> dict[str, Any]:
     """`--storage-options` JSON as a dict; the one-line error never echoes the value."""
     if not text:
         return {}
@@ -50,11 +51,10 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
         value = json.loads(text)
     except ValueError as err:
         raise UserError(
-            f"--storage-options: expected a JSON object of fsspec options ({err.msg} at "
-            f"character {err.pos})"
+            f"{flag}: expected a JSON object of fsspec options ({err.msg} at character {err.pos})"
         ) from None
     if not isinstance(value, dict):
-        raise UserError("--storage-options: expected a JSON object of fsspec options")
+        raise UserError(f"{flag}: expected a JSON object of fsspec options")
     return value
 
 
@@ -130,6 +130,12 @@ def open_binary(path: Path | str) -> IO[bytes]:
     return open(path, "rb")  # noqa: SIM115 - the caller closes it
 
 
+def lexists(path: Path) -> bool:
+    """Whether `path` names anything: locally a dangling symlink counts (its reader refuses it
+    with a reason); object storage has no links."""
+    return path.exists() if is_url(path) else os.path.lexists(path)
+
+
 def relative_parts(path: Path, root: Path) -> tuple[str, ...]:
     """The parts of `path` below `root`, for a local path or a URL."""
     if not is_url(root):
@@ -137,12 +143,23 @@ def relative_parts(path: Path, root: Path) -> tuple[str, ...]:
     return tuple(p for p in str(path)[len(str(root).rstrip("/")) :].split("/") if p)
 
 
-def child(root: Path, folder: str, name: str) -> Path:
-    """`folder/name` as the same kind of path as `root` (a UPath keeps root's options)."""
+def relative_text(path: Path | str, root: Path) -> str:
+    """`path` below `root` as a `/`-joined string (`a/b.png`), for a local path or a URL."""
+    return "/".join(relative_parts(Path(path) if not is_url(root) else path, root))
+
+
+def folder_path(root: Path, folder: str) -> Path:
+    """A walked folder (a string: a local path or a URL) as the same kind of path as `root`
+    (a UPath keeps root's file system and options)."""
     if not is_url(root):
-        return Path(folder) / name
+        return Path(folder)
     below = str(folder)[len(str(root).rstrip("/")) :].strip("/")
-    return root.joinpath(*(p for p in below.split("/") if p), name)
+    return root.joinpath(*(p for p in below.split("/") if p))
+
+
+def child(root: Path, folder: str, name: str) -> Path:
+    """`folder/name` as the same kind of path as `root`."""
+    return folder_path(root, folder) / name
 
 
 def walk_url(root: Path) -> Iterator[tuple[str, list[str], list[str]]]:
@@ -166,9 +183,53 @@ def inside_root(url: str, root: str) -> bool:
     return path == below or path.startswith(below + "/")
 
 
+def root_problem(root: Path) -> str | None:
+    """Why `root` cannot be read as a release folder (one line, no secrets), or None."""
+    if is_url(root) and getattr(root, "protocol", "") in ("hf", "huggingface"):
+        problem = _hub_problem(root)
+        if problem:
+            return problem
+    return None if root.is_dir() else "release root is not a directory"
+
+
+def _hub_problem(root: Any) -> str | None:
+    """Ask the Hub about the repo and revision of an `hf://` root (HfFileSystem caches the
+    answer), so a refusal reads as the Hub's reason rather than as a missing folder."""
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        root.fs.resolve_path(root.path)
+        return None
+    except ValueError as err:  # HfUriError: not `datasets/namespace/name[@revision]/...`
+        problem = f"not a Hub repository path ({_one_line(err)})"
+    except ConnectionError as err:  # OfflineModeIsEnabled: HF_HUB_OFFLINE is set
+        problem = f"cannot reach the Hub ({_one_line(err)})"
+    except (FileNotFoundError, HfHubHTTPError) as err:
+        cause = (err.__cause__ or err) if isinstance(err, FileNotFoundError) else err
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        reason = _one_line(getattr(cause, "server_message", None) or cause)
+        said = f"{status}: {reason}" if status else reason
+        problem = (
+            f"the Hub does not show this repository or revision ({said}); a "
+            "private one needs a token that may read it, in HF_TOKEN or from `hf auth login`"
+        )
+    return scrub(problem, {"token": get_token() or "", **root.storage_options})
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+# What names a file's version in a listing, most telling first: an S3 or GCS ETag; the git blob
+# id of a Hugging Face repo file (it follows the content, not the commit, and is listed with
+# no extra request); a Hub bucket's content hash; last a modification time.
+_VERSION_FIELDS = ("ETag", "etag", "blob_id", "xet_hash", "LastModified", "mtime")
+
+
 class RemoteStamps:
-    """Size and version (ETag, else modification time) of the files under a remote root,
-    from one listing: one request per folder page, not one per image."""
+    """Size and version (see `_VERSION_FIELDS`) of the files under a remote root, from one
+    listing: one request per folder page, not one per image."""
 
     def __init__(self, root: Path):
         self.root = str(root).rstrip("/") + "/"
@@ -183,7 +244,7 @@ class RemoteStamps:
         info = self._listing.get(self._fs._strip_protocol(path))
         if info is None:  # missing, or a pattern (archive members): the stage quarantines it
             return "-"
-        version = info.get("ETag") or info.get("etag") or info.get("LastModified") or ""
+        version = next((info[k] for k in _VERSION_FIELDS if info.get(k)), "")
         return f"{info.get('size')}:{str(version).strip(chr(34))}"
 
     def relative(self, path: str) -> str:

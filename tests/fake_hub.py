@@ -1,4 +1,4 @@
-"""A fake Hugging Face Hub on 127.0.0.1 (stdlib only), per shared/reference/dependencies.md §3.
+"""A fake Hugging Face Hub on 127.0.0.1 (stdlib only).
 
 In-memory dataset repos behind the endpoints `huggingface_hub` 2.x and `datasets` 5.x call: repo
 creation, info, paginated tree listing, paths-info, preupload, NDJSON commits, file download,
@@ -7,13 +7,16 @@ and both ways file contents reach the Hub:
 - Xet, the default whenever `hf_xet` is installed: a write token from the Hub
   (`/api/datasets/{repo}/xet-write-token/{rev}`), then the CAS API on the same server (global
   dedup query, xorb upload grants with their upload URL and commit, direct `/v1/xorbs`, and
-  `/v1/shards`). Xorbs are parsed (chunk headers; LZ4 and byte-grouped LZ4 chunks decoded), and
-  a shard makes each file it lists whole again from the stored xorbs; the file counts as
-  uploaded only if its bytes hash to the sha256 the shard states, the oid the commit names.
+  `/v1/shards`). Xorbs are parsed (tests/xet_formats.py: chunk headers; LZ4 and byte-grouped
+  LZ4 chunks decoded), and a shard makes each file it lists whole again from the stored xorbs;
+  the file counts as uploaded only if its bytes hash to the sha256 the shard states, the oid
+  the commit names.
   Xorb and chunk hashes (keyed BLAKE3) are taken on trust: the standard library lacks BLAKE3.
 - The legacy LFS batch API + PUT (clients with `HF_HUB_DISABLE_XET=1` or without `hf_xet`).
 
-Downloads are plain HTTP `resolve` (no `X-Xet-Hash` header), which every client can read.
+Downloads are plain HTTP `resolve` (no `X-Xet-Hash` header), which every client can read, with
+a `Range` answered 206 as the Hub answers it (fsspec's `HfFileSystem` reads files in ranges).
+Every commit stays readable by its sha (`hf://datasets/u/r@sha/...`); `main` is the head.
 
 What breaks real pushes is answered as the Hub answers it: 401 for a token it does not know
 (anonymous reads of public repos are fine, of private ones 401 RepoNotFound), 409 on creating an
@@ -40,173 +43,21 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlencode, urlparse
 
-LFS_SUFFIXES = (".parquet", ".png", ".tar", ".npz")
+from tests.xet_formats import (  # noqa: F401 - the decoders are imported from here too
+    bg4_ungroup,
+    crc64_nvme,
+    lz4_decompress,
+    parse_shard,
+    xet_hash_hex,
+    xorb_chunks,
+)
+
+LFS_SUFFIXES = (".parquet", ".png", ".tar", ".gz", ".npz")
 INITIAL_SHA = "0" * 40
 
 
 def _blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-# -- the Xet formats (huggingface/xet-core spec/xorb.md, spec/shard.md, spec/api.md) --------------
-
-
-def xet_hash_hex(raw: bytes) -> str:
-    """A 32-byte Xet hash as API paths write it: four little-endian u64 words, in hex."""
-    return "".join(raw[i : i + 8][::-1].hex() for i in range(0, 32, 8))
-
-
-def _lz4_block(src: bytes, out: bytearray) -> None:
-    """Decode one raw LZ4 block onto `out` (which holds any earlier output as history)."""
-    i, end = 0, len(src)
-
-    def length(value: int) -> int:
-        nonlocal i
-        if value == 15:
-            while True:
-                extra = src[i]
-                i += 1
-                value += extra
-                if extra != 255:
-                    break
-        return value
-
-    while i < end:
-        token = src[i]
-        i += 1
-        literals = length(token >> 4)
-        out += src[i : i + literals]
-        i += literals
-        if i >= end:  # the last sequence has literals only
-            break
-        offset = src[i] | src[i + 1] << 8
-        i += 2
-        if not 0 < offset <= len(out):
-            raise ValueError(f"LZ4 match offset {offset} outside the output")
-        remaining = length(token & 15) + 4
-        start = len(out) - offset
-        while remaining:  # an overlapping match repeats the last `offset` bytes
-            piece = out[start : start + min(remaining, offset)]
-            out += piece
-            start += len(piece)
-            remaining -= len(piece)
-
-
-def lz4_decompress(src: bytes) -> bytes:
-    """An LZ4 frame (magic 04 22 4D 18) or a raw LZ4 block, decoded."""
-    out = bytearray()
-    if src[:4] != b"\x04\x22\x4d\x18":
-        _lz4_block(src, out)
-        return bytes(out)
-    flags, i = src[4], 6  # FLG, BD
-    i += (8 if flags & 0x08 else 0) + (4 if flags & 0x01 else 0) + 1  # size, dict id, HC
-    while True:
-        size = int.from_bytes(src[i : i + 4], "little")
-        i += 4
-        if size == 0:  # end mark
-            return bytes(out)
-        block = src[i : i + (size & 0x7FFFFFFF)]
-        i += len(block) + (4 if flags & 0x10 else 0)  # block checksum
-        if size & 0x80000000:
-            out += block
-        else:
-            _lz4_block(block, out)
-
-
-def bg4_ungroup(grouped: bytes) -> bytes:
-    """Undo byte grouping: group k holds bytes k, k+4, k+8, ... of the chunk, in order."""
-    n, out, pos = len(grouped), bytearray(len(grouped)), 0
-    for k in range(4):
-        size = n // 4 + (k < n % 4)
-        out[k::4] = grouped[pos : pos + size]
-        pos += size
-    return bytes(out)
-
-
-def xorb_chunks(xorb: bytes) -> list[bytes]:
-    """The decompressed chunks of a serialized xorb (a trailing xorb footer is ignored)."""
-    chunks, i = [], 0
-    while i < len(xorb) and xorb[i] == 0:  # chunk header version 0; a footer starts otherwise
-        if i + 8 > len(xorb):
-            raise ValueError("xorb ends inside a chunk header")
-        size = int.from_bytes(xorb[i + 1 : i + 4], "little")
-        scheme = xorb[i + 4]
-        unpacked = int.from_bytes(xorb[i + 5 : i + 8], "little")
-        data = xorb[i + 8 : i + 8 + size]
-        if len(data) != size:
-            raise ValueError("xorb ends inside a chunk")
-        i += 8 + size
-        if scheme == 0:
-            raw = data
-        elif scheme == 1:
-            raw = lz4_decompress(data)
-        elif scheme == 2:
-            raw = bg4_ungroup(lz4_decompress(data))
-        else:
-            raise ValueError(f"unknown chunk compression scheme {scheme}")
-        if len(raw) != unpacked:
-            raise ValueError(f"chunk {len(chunks)} unpacks to {len(raw)} bytes, not {unpacked}")
-        chunks.append(raw)
-    if not chunks:
-        raise ValueError("no chunks in the xorb")
-    return chunks
-
-
-@dataclass
-class ShardFile:
-    """One file of a shard's file info section."""
-
-    file_hash: str
-    terms: list[tuple[str, int, int, int]]  # xorb hash, unpacked bytes, chunk start, chunk end
-    sha256: bytes | None
-
-
-def parse_shard(data: bytes) -> list[ShardFile]:
-    """The file info section of an MDB shard (header version 2)."""
-    if len(data) < 48 or struct.unpack_from("<Q", data, 32)[0] != 2:
-        raise ValueError("not an MDB shard of header version 2")
-    files, i = [], 48
-    while True:
-        if i + 48 > len(data):
-            raise ValueError("shard ends before the file info bookend")
-        head = data[i : i + 48]
-        i += 48
-        if head[:32] == b"\xff" * 32:
-            return files
-        flags, count = struct.unpack_from("<II", head, 32)
-        terms = []
-        for _ in range(count):
-            _, unpacked, start, end = struct.unpack_from("<IIII", data, i + 32)
-            terms.append((xet_hash_hex(data[i : i + 32]), unpacked, start, end))
-            i += 48
-        if flags & 1 << 31:  # verification entries
-            i += 48 * count
-        sha256 = None
-        if flags & 1 << 30:  # metadata extension
-            sha256 = data[i : i + 32]
-            i += 48
-        files.append(ShardFile(xet_hash_hex(head[:32]), terms, sha256))
-
-
-def _crc64_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = crc >> 1 ^ (0x9A6C9329AC4BC9B5 if crc & 1 else 0)
-        table.append(crc)
-    return table
-
-
-_CRC64 = _crc64_table()
-
-
-def crc64_nvme(data: bytes) -> int:
-    """CRC-64/NVME (reflected 0xAD93D23594C93659, init and xorout all ones)."""
-    crc = 0xFFFFFFFFFFFFFFFF
-    for byte in data:
-        crc = _CRC64[(crc ^ byte) & 0xFF] ^ crc >> 8
-    return crc ^ 0xFFFFFFFFFFFFFFFF
 
 
 # -- the Hub ------------------------------------------------------------------------------------
@@ -254,13 +105,17 @@ class Repo:
         self.lfs: set[str] = set()
         self.commits = 0
         self.sha = INITIAL_SHA
+        self.history: dict[str, tuple[dict[str, bytes], frozenset[str]]] = {}
 
     def entry(self, path: str) -> dict:
         data = self.files[path]
         item = {"type": "file", "path": path, "size": len(data), "oid": _blob_id(data)}
-        if path in self.lfs:
+        if path in self.lfs:  # git holds the LFS pointer: the oid is the pointer's blob id
             sha = hashlib.sha256(data).hexdigest()
-            item["lfs"] = {"oid": sha, "size": len(data), "pointerSize": 134}
+            pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\n"
+            pointer += f"size {len(data)}\n"
+            item["oid"] = _blob_id(pointer.encode())
+            item["lfs"] = {"oid": sha, "size": len(data), "pointerSize": len(pointer)}
         return item
 
     def commit(self, changes: dict[str, bytes | None], lfs: Iterable[str] = ()) -> str:
@@ -275,7 +130,19 @@ class Repo:
                 (self.lfs.add if path in lfs else self.lfs.discard)(path)
         self.commits += 1
         self.sha = hashlib.sha1(f"{self.repo_id}:{self.commits}".encode()).hexdigest()
+        self.history[self.sha] = (dict(self.files), frozenset(self.lfs))
         return self.sha
+
+    def at(self, revision: str) -> Repo | None:
+        """The repo as of `revision` (the branch `main` or a commit sha), or None if unknown."""
+        if revision in ("main", self.sha):
+            return self
+        if revision not in self.history:
+            return None
+        old = Repo(self.repo_id, self.private)
+        files, lfs = self.history[revision]
+        old.files, old.lfs, old.sha = dict(files), set(lfs), revision
+        return old
 
 
 class FakeHub:
@@ -386,11 +253,14 @@ def _handler(hub: FakeHub):
                 return None
             return repo
 
-        def _revision(self, repo: Repo, revision: str, head=False) -> bool:
-            if revision in ("main", repo.sha):
-                return True
-            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head)
-            return False
+        def _revision(self, repo: Repo | None, revision: str, head=False) -> Repo | None:
+            """The readable `repo` as of `revision`, or None once the error is answered."""
+            if repo is None:
+                return None
+            found = repo.at(revision)
+            if found is None:
+                self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head)
+            return found
 
         def _writable(self, repo_id: str) -> bool:
             if self._user() is None:
@@ -458,7 +328,7 @@ def _handler(hub: FakeHub):
                 return self._tree(m.group(1), m.group(2), m.group(3) or "", query)
             m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/paths-info/([^/]+)", path)
             if m and method == "POST":
-                return self._paths_info(m.group(1))
+                return self._paths_info(m.group(1), m.group(2))
             m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/preupload/([^/]+)", path)
             if m and method == "POST":
                 return self._preupload(m.group(1))
@@ -505,8 +375,8 @@ def _handler(hub: FakeHub):
             self._send(200, {"url": f"{hub.url}/datasets/{repo_id}", "name": repo_id})
 
         def _info(self, repo_id: str, revision: str):
-            repo = self._repo(repo_id)
-            if repo and self._revision(repo, revision):
+            repo = self._revision(self._repo(repo_id), revision)
+            if repo:
                 self._send(
                     200,
                     {
@@ -527,8 +397,8 @@ def _handler(hub: FakeHub):
                 )
 
         def _tree(self, repo_id: str, revision: str, folder: str, query):
-            repo = self._repo(repo_id)
-            if not repo or not self._revision(repo, revision):
+            repo = self._revision(self._repo(repo_id), revision)
+            if not repo:
                 return
             recursive = query.get("recursive", ["false"])[0].lower() == "true"
             prefix = folder.strip("/") + "/" if folder.strip("/") else ""
@@ -559,11 +429,11 @@ def _handler(hub: FakeHub):
                 with hub.lock:
                     hook = hub.hooks.pop(repo_id, None)
                     if hook is not None:
-                        hook(repo)
+                        hook(hub.repos[repo_id])
 
-        def _paths_info(self, repo_id: str):
+        def _paths_info(self, repo_id: str, revision: str):
             body = self._body().decode()
-            repo = self._repo(repo_id)
+            repo = self._revision(self._repo(repo_id), revision)
             if not repo:
                 return
             try:
@@ -651,17 +521,31 @@ def _handler(hub: FakeHub):
             self._send(200, {"commitUrl": url, "commitOid": sha})
 
         def _resolve(self, repo_id: str, revision: str, path: str, head: bool):
-            repo = self._repo(repo_id, head)
-            if not repo or not self._revision(repo, revision, head):
+            repo = self._revision(self._repo(repo_id, head), revision, head)
+            if not repo:
                 return
             if path not in repo.files:
                 return self._error(404, "EntryNotFound", f"{path} not found", head)
             data = repo.files[path]
             etag = hashlib.sha256(data).hexdigest() if path in repo.lfs else _blob_id(data)
-            headers = {"X-Repo-Commit": repo.sha, "ETag": f'"{etag}"'}
+            headers = {"X-Repo-Commit": repo.sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
             if path in repo.lfs:
                 headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))})
-            self._send(200, data, headers, head=head)
+            wanted = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
+            if wanted is None:
+                return self._send(200, data, headers, head=head)
+            first, last = wanted.groups()
+            if first:  # `a-b` or `a-`; else `-n`, the last n bytes
+                start, stop = int(first), min(int(last) + 1 if last else len(data), len(data))
+            else:
+                start, stop = max(len(data) - int(last or 0), 0), len(data)
+            if start >= len(data) or stop <= start:
+                headers["Content-Range"] = f"bytes */{len(data)}"
+                return self._error(
+                    416, "RangeNotSatisfiable", "range not satisfiable", head, headers
+                )
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
+            self._send(206, data[start:stop], headers, head=head)
 
         # -- Xet ----------------------------------------------------------------------
         def _xet_token(self, repo_id: str, scope: str):

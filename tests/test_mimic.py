@@ -7,6 +7,7 @@ import gzip
 import json
 import math
 import shutil
+import zipfile
 from pathlib import Path
 
 import datasets
@@ -276,6 +277,34 @@ def test_build_summary_counts_reports_and_warns_when_most_are_missing(release, j
     assert _rows(out)["B1"]["text_origin"][1] == "label_template"
 
 
+def test_oversized_reports_and_a_zip_bomb_are_skipped_and_counted(release, tmp_path):
+    """A 2 MiB report file on disk and a zip member that declares 64 MiB (a bomb: zeros
+    deflate ~1000x) are not read: their studies have no report, and a note says how many."""
+    root = shutil.copytree(release, tmp_path / "r")
+    cxr = root / "mimic-cxr" / "2.0.0"
+    (cxr / "files/p10/p10000032/s50414267.txt").write_bytes(b"A" * (2 * 2**20))
+    reports = cxr / "mimic-cxr-reports.zip"
+    with zipfile.ZipFile(reports) as old:
+        members = {info.filename: old.read(info) for info in old.infolist()}
+    bomb = next(name for name in members if name.endswith("s53189527.txt"))
+    members[bomb] = bytes(64 * 2**20)
+    with zipfile.ZipFile(reports, "w", zipfile.ZIP_DEFLATED) as new:
+        for name, data in members.items():
+            new.writestr(name, data)
+    out = tmp_path / "out"
+    summary = build(
+        PIPELINE, root, out, BuildOptions(progress=False, image_size=32, source_options=())
+    )
+    lines = summary.lines()
+    assert "note: reports found for 3 of 6 studies" in lines  # 5 of 6 in the release
+    assert (
+        "note: 2 report files over 1 MiB or unreadable were skipped: their studies count as "
+        "having no report" in lines
+    )
+    rows = _rows(out)
+    assert rows["A1"]["text_origin"][1] == rows["B1"]["text_origin"][1] == "label_template"
+
+
 def test_text_labels_without_any_report_stop_before_image_work(release, tmp_path):
     root = strip_reports(shutil.copytree(release, tmp_path / "r"))
     out = tmp_path / "out"
@@ -285,7 +314,8 @@ def test_text_labels_without_any_report_stop_before_image_work(release, tmp_path
     message = str(err.value)
     assert "\n" not in message
     assert "files/pXX/pSUBJECT/sSTUDY.txt under" in message
-    assert str(root / "mimic-cxr-jpg" / "2.0.0") in message  # where it looked
+    assert message.startswith(f"{root}: ")
+    assert "under mimic-cxr-jpg/2.0.0, mimic-cxr/2.0.0" in message  # where it looked
     assert "no mimic-cxr-reports.zip found" in message
     assert not list(out.rglob("*.parquet"))  # stopped before any image was read
 

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,54 +29,17 @@ from mgll_data.errors import ItemError, UserError  # noqa: E402
 from mgll_data.imaging.files import read_remote_file  # noqa: E402
 from mgll_data.storage import filesystem, release_root, scrub  # noqa: E402
 from tests.nih_fixture import make_release  # noqa: E402
+from tests.s3_server import BUCKET, KEY_ID, SECRET, moto_s3  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SECRET = "mgll-Sekr1t-4f9c2e-never-in-output"
-KEY_ID = "mgll-key-id-testing"
-BUCKET = "mgll-releases"
 OPTIONS = ("--image-size", "32", "--rows-per-shard", "8", "--no-progress")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory) -> Iterator[dict]:
-    """moto's S3 server; this process's environment holds the fake credentials meanwhile.
-    Yields the storage options that point fsspec at it."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None, log.read_text()
-                time.sleep(0.1)
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
-            env.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-            env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-            env.setenv("AWS_EC2_METADATA_DISABLED", "true")
-            for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
-                env.setenv(name, str(log.parent / "absent"))
-            options = {"client_kwargs": {"endpoint_url": endpoint}}
-            s3fs.S3FileSystem(**options).mkdir(BUCKET)
-            yield options
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    """moto's S3 server; this process's environment holds the fake credentials meanwhile."""
+    with moto_s3(tmp_path_factory.mktemp("moto")) as options:
+        yield options
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +154,23 @@ def test_a_build_into_a_bucket_uploads_the_local_bytes_and_resumes_there(
     assert_same_build(again, local)
 
 
+def test_credentials_in_a_url_reach_the_image_stage(s3, work, monkeypatch, capsys):
+    """Plain image files (the Kaggle layout) are fetched by the image stage, not the scan: with
+    no credentials in the environment, those of the URL must get there too."""
+    raw = make_release(work / "nih-kaggle", count=24, layout="kaggle").root
+    s3fs.S3FileSystem(**s3).put(f"{raw}/", f"{BUCKET}/nih-kaggle/", recursive=True)
+    _main("build", "chestxray14", "--root", raw, "--out", work / "kaggle-local", *OPTIONS)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    out = work / "kaggle-url-credentials"
+    _main("build", "chestxray14", "--root", f"s3://{KEY_ID}:{SECRET}@{BUCKET}/nih-kaggle",
+          "--out", out, *OPTIONS, "--storage-options", json.dumps(s3))  # fmt: skip
+    printed = capsys.readouterr()
+    assert_same_build(out, work / "kaggle-local")
+    assert_never_named(_files(out), SECRET, KEY_ID)
+    assert_never_named({"log": (printed.out + printed.err).encode()}, SECRET, KEY_ID)
+
+
 def test_credentials_in_a_url_are_used_and_never_shown(s3, release, work, capsys):
     """`s3://KEY:SECRET@bucket/...`: the credentials go to s3fs, never to a message."""
     url = f"s3://{KEY_ID}:{SECRET}@{BUCKET}/no-such-release"
@@ -226,6 +203,27 @@ def test_storage_options_that_are_not_a_json_object_are_one_line(work, capsys):
         err = capsys.readouterr().err
         assert err.startswith("mgll-build-dataset: error: --storage-options: expected a JSON")
         assert text not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.wires("mgll-build-dataset build", "--out-storage-options")
+def test_a_release_read_from_one_store_is_written_to_another(s3, local, work, tmp_path):
+    """--root on one S3 endpoint, --out on a second server that only the out options reach:
+    without them the shards would go to the release's endpoint, which has no such bucket."""
+    with moto_s3(tmp_path) as other:
+        fs = s3fs.S3FileSystem(**other)
+        fs.mkdir("mgll-built")
+        _main("build", "chestxray14", "--root", f"s3://{BUCKET}/nih", "--out",
+              "s3://mgll-built/nih", *OPTIONS, "--storage-options", json.dumps(s3),
+              "--out-storage-options", json.dumps(other))  # fmt: skip
+        down = work / "from-one-store-to-another"
+        fs.get("mgll-built/nih/", f"{down}/", recursive=True)
+    assert_same_build(down, local)
+    assert not s3fs.S3FileSystem(**s3).exists("mgll-built")
+
+    with pytest.raises(SystemExit) as failed:
+        main(["build", "chestxray14", "--root", str(work), "--out", "s3://x/y",
+              "--out-storage-options", '{"anon": tru'])  # fmt: skip
+    assert failed.value.code == 2
 
 
 def test_remote_images_are_refused_before_reading_when_over_the_cap_or_outside(s3):

@@ -177,6 +177,18 @@ def _write_images(root: Path, chosen: list[dict[str, str]]) -> Release:
     return release
 
 
+def make_chosen_release(root: Path) -> Release:
+    """The chosen real rows alone (an uncompressed CSV, as unpacked) with their images."""
+    rows = _read_rows(xrv_data_file(CSV_NAME))
+    chosen = _choose(rows)
+    root.mkdir(parents=True)
+    with open(root / CSV_NAME.removesuffix(".gz"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(chosen)
+    return _write_images(root, chosen)
+
+
 def _read_rows(path: Path) -> list[dict[str, str]]:
     with gzip.open(path, "rt", newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))

@@ -11,6 +11,7 @@ Which cluster did the work is read from Ray's own logs: the session folder holds
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -37,38 +38,14 @@ from mgll_data.build.ray_executor import run_on_ray, shard_batches  # noqa: E402
 from mgll_data.build.stages import Task  # noqa: E402
 from tests import mimic_fixture  # noqa: E402
 from tests.nih_fixture import NihFixture, make_release  # noqa: E402
+from tests.ray_cluster import processes_under, ray_env, ray_head, ray_pids  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS_PER_SHARD = 8  # the 41-row fixture makes six shards over two splits
 NIH_OPTIONS = ("--image-size", "32", "--rows-per-shard", ROWS_PER_SHARD, "--no-progress")
 MIMIC_OPTIONS = ("--image-size", "32", "--rows-per-shard", "3", "--images", "dicom")
 
-HEAD = """
-import logging, sys, ray
-ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-print(ray.get_runtime_context().gcs_address, flush=True)
-sys.stdin.read()  # until the test closes stdin
-ray.shutdown()
-"""
-
-
 # -- the cluster and the reference builds ------------------------------------------------------
-
-
-def _env(ray_tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="token", RAY_TMPDIR=str(ray_tmp))
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
-    return env
-
-
-def _processes_under(folder: Path) -> list[int]:
-    """Processes whose command line names `folder` (Ray's own processes name their session)."""
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if any(str(folder) in part for part in proc.info["cmdline"] or ()):
-            found.append(proc.info["pid"])
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -81,22 +58,8 @@ def ray_tmp() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def cluster(ray_tmp: Path) -> Iterator[tuple[str, Path]]:
     """A two-CPU Ray head in a subprocess: (its address, its session folder)."""
-    head_tmp = ray_tmp / "head"
-    head_tmp.mkdir()
-    head = subprocess.Popen(
-        [sys.executable, "-c", HEAD],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=_env(head_tmp),
-    )
-    address = head.stdout.readline().strip()
-    assert address, "the Ray head did not start"
-    session = (head_tmp / "ray" / "session_latest").resolve()
-    yield address, session
-    head.stdin.close()
-    head.wait(timeout=120)
-    assert _processes_under(session) == [], "Ray processes outlived the head"
+    with ray_head(ray_tmp / "head") as head:
+        yield head
 
 
 @pytest.fixture(scope="module")
@@ -107,19 +70,12 @@ def connected(cluster) -> Iterator[None]:
     ray.shutdown()
 
 
-def _pids(session: Path, kind: str = "driver") -> set[int]:
-    """The pids of the drivers that joined the cluster of `session` (kind "worker": of its
-    worker processes), from the logs Ray names after them."""
-    logs = (session / "logs").glob(f"python-core-{kind}-*.log")
-    return {int(log.stem.rsplit("_", 1)[1]) for log in logs}
-
-
 def _cli(ray_tmp: Path, *args: object, **env: str) -> subprocess.Popen:
     """Start `mgll-build-dataset ARGS`; the caller waits (its pid tells its Ray logs)."""
     return subprocess.Popen(
         [sys.executable, "-m", "mgll_data", *map(str, args)],
         cwd=REPO,
-        env=_env(ray_tmp, **env),
+        env=ray_env(ray_tmp, **env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -202,13 +158,13 @@ def test_nih_on_a_cluster_is_byte_identical_and_built_by_its_workers(
     proc = subprocess.Popen(
         [sys.executable, "-c", watch, *map(str, args), "--executor", "ray", "--ray-address",
          address],
-        cwd=REPO, env=_env(ray_tmp / "none"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=REPO, env=ray_env(ray_tmp / "none"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
     stdout = _finish(proc)
     assert_same_build(out, nih_local)
     assert "built 37 records" in stdout
-    assert proc.pid in _pids(session)  # it joined this cluster, as --ray-address said
+    assert proc.pid in ray_pids(session)  # it joined this cluster, as --ray-address said
     assert audit.read_text() == ""  # and decoded no image itself
     assert not (ray_tmp / "none").exists()  # nor started a Ray instance of its own
 
@@ -225,7 +181,7 @@ def test_mimic_dicoms_on_the_cluster_named_by_ray_address(cluster, ray_tmp, work
     _finish(proc)
     assert_same_build(out, reference)
     assert (reference / "_build" / "quarantine.jsonl").read_text() != ""  # the fixture's bad rows
-    assert proc.pid in _pids(session)
+    assert proc.pid in ray_pids(session)
 
 
 def test_a_local_build_resumes_on_ray(nih, nih_local, connected, work):
@@ -260,16 +216,15 @@ def test_archives_on_a_local_instance_of_one_worker_the_build_starts_and_stops(
     assert "2 archives read directly" in stdout
     assert_same_build(out, reference)
     session = (own / "ray" / "session_latest").resolve()
-    assert proc.pid in _pids(session)  # the instance it started
-    assert len(_pids(session, "worker")) == 1  # of one CPU: one worker process ran every shard
-    assert _processes_under(session) == []  # stopped when the build ended
+    assert proc.pid in ray_pids(session)  # the instance it started
+    assert len(ray_pids(session, "worker")) == 1  # of one CPU: one worker process ran every shard
+    assert processes_under(session) == []  # stopped when the build ended
 
 
 # -- a worker dies mid-build -------------------------------------------------------------------
 
 DRIVER = """
 import os, signal, sys, time
-from pathlib import Path
 import ray
 address, root, out, fault, marker, victim = sys.argv[1:7]
 
@@ -316,10 +271,10 @@ def gate():
 
 hook = {"kill": kill_once, "stale": stale_mgll, "gate": gate}[fault]
 ray.init(address=address, runtime_env={"worker_process_setup_hook": hook})
-from mgll_data.build.engine import BuildOptions, build
-from mgll_data.build.pipeline import load_pipeline
-options = BuildOptions(image_size=32, rows_per_shard=8, progress=False, executor="ray")
-print(build(load_pipeline("chestxray14"), Path(root), Path(out), options).lines()[0])
+# The CLI, on the connection made above (hooks and all), as a user's build runs.
+from mgll_data.cli import main
+main(["build", "chestxray14", "--root", root, "--out", out, "--image-size", "32",
+      "--rows-per-shard", "8", "--no-progress", "--executor", "ray"])
 """
 
 
@@ -335,7 +290,7 @@ def test_a_worker_killed_mid_build_is_retried_with_identical_output(
     victim = second["id"][0].as_py()
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER, address, nih.root, out, "kill", marker, victim],
-        cwd=REPO, env=_env(ray_tmp / "none"), capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=ray_env(ray_tmp / "none"), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     killed = [path for path in work.glob("kill-marker.*")]
@@ -352,12 +307,15 @@ def test_a_worker_with_other_library_versions_stops_the_build(nih, cluster, ray_
     out = work / "nih-stale"
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER, address, nih.root, out, "stale", "-", "-"],
-        cwd=REPO, env=_env(ray_tmp / "none"), capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=ray_env(ray_tmp / "none"), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert proc.returncode == 1
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("mgll_data.errors.UserError: Ray worker on ")
-    assert f": mgll 0.0.0+stale where this machine has {__version__}; " in last
+    assert proc.returncode == 2, proc.stderr
+    # Ray's raylet may print lines of its own (a disk-space warning) around the CLI's error.
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mgll-build-dataset")]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith("mgll-build-dataset: error: Ray worker on ")
+    assert f": mgll 0.0.0+stale where this machine has {__version__}; " in errors[0]
+    assert "Traceback" not in proc.stderr
     assert list((out / "data").glob("*.parquet")) == []  # refused before any shard was written
 
 
@@ -423,12 +381,55 @@ def test_a_slow_shard_does_not_idle_the_other_cpus(nih, nih_local, cluster, ray_
     ids = ",".join(table["id"][0].as_py() for table in firsts)
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER, address, nih.root, out, "gate", marker, ids],
-        cwd=REPO, env=_env(ray_tmp / "none"), capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=ray_env(ray_tmp / "none"), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert marker.exists()  # the third shard ran
     assert not Path(f"{marker}.timeout").exists()  # before the first shard's task gave up
     assert_same_build(out, nih_local)
+
+
+# -- what a fresh worker imports ---------------------------------------------------------------
+
+# A fresh Ray worker (Ray and cloudpickle imported) runs one shard from what the driver sends:
+# the remote function and its arguments, pickled. It prints the modules that this imported.
+FRESH_WORKER = """
+import json, pickle, sys
+import cloudpickle, ray
+before = set(sys.modules)
+run_batch, ctx, batch = pickle.loads(sys.stdin.buffer.read())
+_, outcomes = run_batch(ctx, batch)
+records = sum(o.record is not None for o in outcomes)
+print(json.dumps({"records": records, "modules": sorted(set(sys.modules) - before)}))
+"""
+
+
+def test_a_fresh_worker_imports_no_source_reader_pandas_or_pydicom_for_png_shards(nih):
+    """Each Ray worker imports what a shard task needs when it gets its first one, and a build
+    pays for that on every worker: of PNGs, it needs no source reader (nor the pandas they
+    use) and no DICOM decoder."""
+    import cloudpickle
+
+    from mgll_data.build.engine import _context
+    from mgll_data.build.ray_executor import _run_batch
+    from mgll_data.vocab import load_vocabulary
+
+    pipeline = load_pipeline("chestxray14")
+    ctx = _context(
+        pipeline, load_vocabulary(pipeline.domain), BuildOptions(image_size=32), nih.root
+    )
+    batch = next(shard_batches(_tasks(nih, rows_per_shard=8), 8))
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH_WORKER], input=cloudpickle.dumps((_run_batch, ctx, batch)),
+        cwd=REPO, env=ray_env(Path("/nonexistent")), capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    report = json.loads(done.stdout)
+    assert report["records"] >= 4  # the stages ran: PNGs decoded, records built
+    modules = set(report["modules"])
+    assert "mgll_data.build.stages" in modules  # what it imported is on the list
+    assert {"pandas", "pydicom", "mgll_data.imaging.dicom"} & modules == set()
+    assert [m for m in modules if m.startswith("mgll_data.sources.chestxray14")] == []
 
 
 def test_a_batch_never_spans_two_shards_and_archive_runs_are_capped():

@@ -62,6 +62,8 @@ class BuildOptions:
     ray_address: str | None = None
     # fsspec options for a release or output on object storage; never printed or written.
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Options for an output on object storage when they differ (None: `storage_options`).
+    out_storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def fingerprint_options(self) -> dict[str, Any]:
         return {
@@ -199,12 +201,18 @@ def build(pipeline: Pipeline, root: Location, out: Location, options: BuildOptio
     if is_url(out):
         resume, overwrite = options.resume, options.overwrite
         with staged_output(
-            str(out), options.storage_options, resume=resume, overwrite=overwrite
+            str(out), _out_options(options), resume=resume, overwrite=overwrite
         ) as remote:
             summary = _build(pipeline, root, remote.staging, options, remote)
         return replace(summary, out=remote.url)
     with folder_lock(out):
         return _build(pipeline, root, Path(out), options)
+
+
+def _out_options(options: BuildOptions) -> dict[str, Any]:
+    if options.out_storage_options is None:
+        return options.storage_options
+    return options.out_storage_options
 
 
 def _build(
@@ -342,7 +350,8 @@ def _context(
         texts=pipeline.texts.templates(),
         image=image,
         optional_columns=optional_columns,
-        storage_options=options.storage_options,
+        # The root's own options: --storage-options plus credentials its URL carried.
+        storage_options=dict(root.storage_options) if is_url(root) else options.storage_options,
     )
 
 

@@ -4,8 +4,8 @@ local instance it starts (`docs/architecture.md`, "Data flow").
 The driver (the `build` process) scans the release and plans the shards as for a local build;
 each shard's tasks travel to a Ray worker as one Ray task and its outcomes come back to the
 driver's writer, so the output is the same bytes as a local build's. Workers read image files by
-the paths the driver saw (a cluster needs the release on shared storage); images read from
-archives by the driver travel inside the task.
+the paths the driver saw (a cluster needs the release on shared storage, or a release URL they
+open with their own credentials); images read from archives by the driver travel inside the task.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import functools
 import logging
 import os
 import socket
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 from ..errors import UserError
@@ -32,6 +34,27 @@ BATCH_BYTES = 64 * 2**20
 # Shards submitted and not yet handed to the writer, per CPU: the running ones, and as many
 # finished ones waiting for an earlier shard.
 OUTSTANDING_PER_CPU = 2
+# fsspec options that hold credentials (s3fs, gcsfs, adlfs, the Hub, and the botocore names
+# under client_kwargs): they never leave the driver. Ray's object store may spill to disk and a
+# node's credentials are its own, so workers open the release URL with the other options.
+CREDENTIAL_OPTIONS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "session_token",
+        "password",
+        "username",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "account_key",
+        "sas_token",
+        "connection_string",
+        "client_secret",
+        "credentials",
+    }
+)
 
 
 def require_ray() -> Any:
@@ -100,9 +123,18 @@ def run_on_ray(tasks: Iterable[Task], ctx: BuildContext, spec: ExecutorSpec) -> 
     however large the build.
     """
     ray = require_ray()
+    options, withheld = without_credentials(ctx.storage_options)
+    if withheld:
+        names = ", ".join(sorted(withheld))
+        print(
+            f"note: --executor ray: credentials in --storage-options ({names}) stay on this "
+            "machine; Ray workers read the release with their own (environment, config files)",
+            file=sys.stderr,
+        )
     with _connected(ray, spec) as cpus:
         remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_run_batch)
-        ctx_ref = ray.put(ctx)  # sent once, not with every task
+        # sent once, not with every task
+        ctx_ref = ray.put(replace(ctx, storage_options=options))
         _, expected = _worker_versions()
         window = _Window(ray, lambda batch: remote.remote(ctx_ref, batch), cpus)
         try:
@@ -110,6 +142,21 @@ def run_on_ray(tasks: Iterable[Task], ctx: BuildContext, spec: ExecutorSpec) -> 
                 yield from _collect(ray, ref, first, expected)
         finally:
             window.cancel()  # stopped early (--max-errors, Ctrl-C): drop queued work
+
+
+def without_credentials(options: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """`options` without the `CREDENTIAL_OPTIONS` at any depth, and the names taken out."""
+    kept: dict[str, Any] = {}
+    withheld: set[str] = set()
+    for name, value in options.items():
+        if name.lower() in CREDENTIAL_OPTIONS:
+            withheld.add(name)
+        elif isinstance(value, dict):
+            kept[name], inner = without_credentials(value)
+            withheld |= inner
+        else:
+            kept[name] = value
+    return kept, withheld
 
 
 class _Window:

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from ..errors import ItemError
-from ..imaging.dicom import process_dicom
 from ..imaging.files import open_release_file, read_remote_file
 from ..imaging.masks import render_mask
 from ..imaging.raster import EncodedImage, ImagePolicy, process_image
@@ -130,6 +129,10 @@ def _decode(
     source: bytes | BinaryIO, is_dicom: bool, ctx: BuildContext
 ) -> tuple[EncodedImage, dict[str, Any]]:
     if is_dicom:
+        # imported on first use: pydicom and its codecs take a fresh Ray worker ~0.3 s to
+        # import, and most releases hold no DICOM
+        from ..imaging.dicom import process_dicom
+
         return process_dicom(
             source,
             ctx.image_policy,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import ItemError
-from ..storage import filesystem, inside_root
+from ..storage import filesystem, folder_path, inside_root, is_url
 
 # No radiograph file comes near this (a 4280 x 3520 16-bit DICOM is about 35 MB); the same cap
 # as one archive member (`sources/archives.py`).
@@ -56,13 +56,23 @@ def _inside(path: str, base: str) -> bool:
 
 
 def open_release_file(
-    path: str | Path, root: str | Path | None = None, *, what: str = "image file"
+    path: str | Path,
+    root: str | Path | None = None,
+    *,
+    what: str = "image file",
+    options: dict | None = None,
+    max_bytes: int | None = None,
 ) -> BinaryIO:
     """Open `path` for binary reading if it is a regular file (inside `root` when given).
 
     Raises ItemError("image", reason): `missing {what}: PATH` (relative to `root`), `symlink
-    leaves the release folder`, `not a regular file (a FIFO)` and the like.
+    leaves the release folder`, `not a regular file (a FIFO)` and the like. A path on object
+    storage (a URL, or a UPath that carries its file system) is checked as `read_remote_file`
+    says and opened as a seekable fsspec file; `options` build the file system of a plain URL,
+    and `max_bytes` refuses a remote file whose listed size is larger.
     """
+    if is_url(path) or (root is not None and is_url(root)):
+        return _open_remote(path, root, what, options, max_bytes)
     if root is not None:
         reason = outside_root(path, root)
         if reason is not None:
@@ -85,6 +95,40 @@ def open_release_file(
         raise ItemError("image", f"not a regular file ({file_kind(mode)})")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
+
+
+def _open_remote(
+    path: str | Path,
+    root: str | Path | None,
+    what: str,
+    options: dict | None,
+    max_bytes: int | None,
+) -> BinaryIO:
+    url = str(path)
+    base = None if root is None else str(root)
+    if base is not None and not inside_root(url, base):
+        raise ItemError("image", "path leaves the release folder")
+    # A UPath brings its file system (options included), and so does a root that is one; a
+    # plain URL with a plain root (a task's image path on a worker) gets the build's options.
+    if not hasattr(path, "fs") and hasattr(root, "fs"):
+        path = folder_path(root, url)
+    fs, fs_path = (path.fs, path.path) if hasattr(path, "fs") else filesystem(url, options)
+    try:
+        info = fs.info(fs_path)
+    except FileNotFoundError as err:
+        shown = url[len(base.rstrip("/")) + 1 :] if base is not None else url
+        raise ItemError("image", f"missing {what}: {shown}") from err
+    except Exception as err:  # noqa: BLE001 - storage clients raise their own kinds (no credentials, denied)
+        raise ItemError("image", f"cannot open {what} ({type(err).__name__})") from err
+    if info.get("type") != "file":
+        raise ItemError("image", f"not a regular file ({info.get('type') or 'unknown kind'})")
+    size = int(info.get("size") or 0)
+    if max_bytes is not None and size > max_bytes:
+        raise ItemError("image", f"{what} is {size:,} bytes, over the {max_bytes:,}-byte cap")
+    try:
+        return fs.open(fs_path, "rb")
+    except OSError as err:
+        raise ItemError("image", f"cannot read {what} ({type(err).__name__})") from err
 
 
 def _mode(path: str | Path) -> int | None:
@@ -114,26 +158,11 @@ def read_remote_file(
     """The bytes of a file on object storage, refused (ItemError) when its URL leaves `root`,
     it is missing or not a file, or its stated size is over `max_bytes`; a file that then
     produces more than it stated is refused too."""
-    if root is not None and not inside_root(url, root):
-        raise ItemError("image", "path leaves the release folder")
-    fs, path = filesystem(url, options)
-    try:
-        info = fs.info(path)
-    except FileNotFoundError as err:
-        shown = url[len(root.rstrip("/")) + 1 :] if root is not None else url
-        raise ItemError("image", f"missing {what}: {shown}") from err
-    except OSError as err:
-        raise ItemError("image", f"cannot open {what} ({type(err).__name__})") from err
-    if info.get("type") != "file":
-        raise ItemError("image", f"not a regular file ({info.get('type') or 'unknown kind'})")
-    size = int(info.get("size") or 0)
-    if size > max_bytes:
-        raise ItemError("image", f"{what} is {size:,} bytes, over the {max_bytes:,}-byte cap")
-    try:
-        with fs.open(path, "rb") as handle:
-            data = handle.read(max_bytes + 1)
-    except OSError as err:
-        raise ItemError("image", f"cannot read {what} ({type(err).__name__})") from err
+    with open_release_file(url, root, what=what, options=options, max_bytes=max_bytes) as file:
+        try:
+            data = file.read(max_bytes + 1)
+        except OSError as err:
+            raise ItemError("image", f"cannot read {what} ({type(err).__name__})") from err
     if len(data) > max_bytes:
         raise ItemError("image", f"{what} produced more than the {max_bytes:,}-byte cap")
     return data

@@ -129,7 +129,10 @@ def open_image(source: str | Path | bytes | BinaryIO) -> Image.Image:
             return Image.open(source)
     except FileNotFoundError as err:
         raise ItemError("image", f"missing image file: {source}") from err
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except UnidentifiedImageError as err:
+        # Pillow's message names the file object (`<_io.BufferedReader name=4>`): not a reason.
+        raise ItemError("image", "not a readable image (no image format recognised)") from err
+    except (OSError, ValueError) as err:
         raise ItemError("image", f"not a readable image ({err})") from err
 
 

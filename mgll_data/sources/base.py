@@ -16,7 +16,7 @@ from ..build.items import ImageRef, QuarantineEntry, RawItem
 from ..build.pipeline import Pipeline
 from ..build.stages import Task
 from ..errors import UserError
-from ..storage import open_binary, release_root
+from ..storage import open_binary, release_root, root_problem
 from ..vocab import Vocabulary
 from .archives import ZipLimits
 
@@ -60,8 +60,9 @@ class Source(ABC):
                 f"pipeline {pipeline.name!r} does not take --{unsupported[0].replace('_', '-')} "
                 f"(its source takes: {', '.join(flags) or 'no options'})"
             )
-        if not self.root.is_dir():
-            raise UserError(f"{self.root}: release root is not a directory")
+        problem = root_problem(self.root)
+        if problem:
+            raise UserError(f"{self.root}: {problem}")
 
     @abstractmethod
     def scan(self) -> ScanResult:

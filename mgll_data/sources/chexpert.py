@@ -21,7 +21,7 @@ from pathlib import Path
 from ..build.items import ImageRef, QuarantineEntry, RawItem
 from ..errors import UserError
 from .base import ScanResult, Source
-from .splits import hash_fraction, hash_split
+from .splits import carve_validation, hash_fraction
 from .tables import read_csv_table
 from .toolkit import find_file, parse_age, parse_finite
 
@@ -90,24 +90,26 @@ class ChexpertSource(Source):
                 "(CheXpert-v1.0-small/ or CheXpert-v1.0/, or the folder holding them)"
             )
         required = REQUIRED_COLUMNS + tuple(self.label_map)
-        train = read_csv_table(self.train_csv, required).to_dict("records")
+        train_table = read_csv_table(self.train_csv, required)
+        train, lines = train_table.to_dict("records"), list(train_table.index)
         result = ScanResult(items=[], inputs=self.input_files())
         chosen = self._select(train) if mode else {}
         if mode == "only":
-            self._scan_zero_shot(result, train, chosen)
+            self._scan_zero_shot(result, train, lines, chosen)
             return result
         assert self.valid_csv is not None
-        valid = read_csv_table(self.valid_csv, required).to_dict("records")
+        valid_table = read_csv_table(self.valid_csv, required)
+        valid = valid_table.to_dict("records")
         splits = self.pipeline.splits
         # zero_shot_mode: exclude keeps the zero-shot set's images out of every split
         held_out = {str(row["Path"]) for rows in chosen.values() for row in rows}
-        for row_number, row in enumerate(train, start=2):
+        for row_number, row in zip(lines, train, strict=True):
             if str(row["Path"]) in held_out:
                 continue
             patient = _patient(row)
-            split = hash_split(patient, splits.hash_salt, splits.validation_fraction, 0.0)
+            split = carve_validation(patient, splits)
             self._add(result, self.train_csv, row_number, row, split)
-        for row_number, row in enumerate(valid, start=2):
+        for row_number, row in zip(valid_table.index, valid, strict=True):
             self._add(result, self.valid_csv, row_number, row, "test")
         result.notes.append(
             f"{self.train_csv.name}: {len(train)} rows (train, validation by patient hash); "
@@ -145,12 +147,16 @@ class ChexpertSource(Source):
         return chosen
 
     def _scan_zero_shot(
-        self, result: ScanResult, train: list[dict[str, str]], chosen: dict[str, list]
+        self,
+        result: ScanResult,
+        train: list[dict[str, str]],
+        lines: list[int],
+        chosen: dict[str, list],
     ) -> None:
-        """The zero-shot set's items, all in the test split."""
+        """The zero-shot set's items, all in the test split (`lines`: each train row's line)."""
         assert self.train_csv is not None
         labels = self.pipeline.labels
-        number = {str(row["Path"]): n for n, row in enumerate(train, start=2)}
+        number = {str(row["Path"]): n for n, row in zip(lines, train, strict=True)}
         for column, rows in chosen.items():
             for row in rows:
                 item = self._add(result, self.train_csv, number[str(row["Path"])], row, "test")

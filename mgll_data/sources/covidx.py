@@ -23,7 +23,7 @@ from typing import Any
 from ..build.items import ImageRef, QuarantineEntry, RawItem
 from ..errors import UserError
 from .base import ScanResult, Source
-from .splits import hash_split
+from .splits import carve_validation
 from .toolkit import find_listed, index_images, walk_release
 
 # split -> (list file stem, image folder); older releases add a suffix (`train_COVIDx9A.txt`)
@@ -156,7 +156,7 @@ class CovidxSource(Source):
         splits = self.pipeline.splits
         split = listing.split
         if split == "train" and "validation" not in self.lists:
-            split = hash_split(listing.patient, splits.hash_salt, splits.validation_fraction, 0.0)
+            split = carve_validation(listing.patient, splits)
         extra = {"covidx_class": listing.label_class, "covidx_list": listing.list_path.name}
         if listing.data_source:
             extra["data_source"] = listing.data_source

@@ -35,6 +35,7 @@ from ..build.items import ImageRef, QuarantineEntry, RawItem
 from ..errors import ItemError, UserError
 from ..imaging.files import open_release_file
 from ..safe_names import SAFE_COMPONENT
+from ..storage import child, open_binary
 from ..text.labeler import NO_FINDING, TextLabeler
 from .base import ScanResult, Source
 from .splits import hash_split
@@ -326,14 +327,14 @@ def _find_folder(root: Path) -> Path | None:
     """The extracted `ecgen-radiology/` folder (the shallowest, then path order)."""
     for folder, dirs, _ in walk_release(root):
         if REPORTS_FOLDER in dirs:
-            return Path(folder) / REPORTS_FOLDER
+            return child(root, folder, REPORTS_FOLDER)
     return None
 
 
 def _archive_reports(path: Path) -> Iterator[tuple[int, str, bytes | str]]:
     """Every `<n>.xml` member of the reports archive, streamed; a broken archive is an error."""
     try:
-        with tarfile.open(path, "r|*") as tar:
+        with open_binary(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
             for member in tar:
                 match = REPORT_NAME.search(member.name)
                 if not member.isfile() or not match:

@@ -62,8 +62,8 @@ class KaggleDicomSource(Source):
         table, dicoms = self._read_release()
         assert self.table_path is not None
         rows: dict[str, Rows] = defaultdict(list)
-        for index, row in enumerate(table.to_dict("records")):
-            rows[str(row[self.TABLE_COLUMNS[0]]).strip()].append((index + 2, row))  # header: 1
+        for line, row in zip(table.index, table.to_dict("records"), strict=True):
+            rows[str(row[self.TABLE_COLUMNS[0]]).strip()].append((line, row))
         result = ScanResult(items=[], inputs=[self.table_path])
         for native_id in sorted(rows):
             annotation = self.annotate(rows[native_id])

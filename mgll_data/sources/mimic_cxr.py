@@ -30,9 +30,10 @@ from typing import get_args
 from ..build.items import ImageRef, QuarantineEntry, RawItem
 from ..build.pipeline import ImageMode
 from ..errors import UserError
-from ..storage import is_url, open_binary
+from ..storage import open_binary, relative_text
 from ..text.labeler import TextLabeler, restrict_labels
 from ..text.sections import conclusion, load_official_rules, section_report
+from . import archives as safe_zip
 from .base import ScanResult, Source
 from .tables import read_csv_table
 from .toolkit import decode_text, find_file, walk_release
@@ -244,7 +245,7 @@ class MimicCxrSource(Source):
             f"{'MIMIC-CXR DICOM' if self.image_mode == 'dicom' else 'MIMIC-CXR-JPG'}; labels "
             f"{self.label_mode}"
             + (f" ({self.label_file.name})" if self.label_file else "")
-            + f"; reports {reports.describe()}"
+            + f"; reports {reports.describe(self.root)}"
         )
 
     def _report_notes(self, reports: _ReportReader, sectioned: dict[str, tuple]) -> list[str]:
@@ -254,14 +255,19 @@ class MimicCxrSource(Source):
         if self.label_mode == "text" and sectioned and not found:
             raise UserError(
                 f"{self.root}: --labels text needs report texts, and no study has one; looked "
-                f"for {reports.describe()}"
+                f"for {reports.describe(self.root)}"
             )
         notes = [f"reports found for {found} of {len(sectioned)} studies"]
+        if reports.refused:
+            notes.append(
+                f"{reports.refused} report files over {MAX_REPORT_BYTES // 2**20} MiB or "
+                "unreadable were skipped: their studies count as having no report"
+            )
         if found * 2 < len(sectioned):
             notes.append(
                 f"WARNING: most studies have no report ({len(sectioned) - found} of "
                 f"{len(sectioned)}); their descriptions and explanations come from label "
-                f"templates. Looked for {reports.describe()}"
+                f"templates. Looked for {reports.describe(self.root)}"
             )
         return notes
 
@@ -422,6 +428,11 @@ def conclusion_text(sections: dict[str, str], order: tuple[str, ...] = ()) -> st
     return conclusion(Sectioned(sections=sections), order)[0]
 
 
+# A radiology report is a few kilobytes: a larger report file is not one (or a zip bomb).
+MAX_REPORT_BYTES = 2**20
+_REPORT_LIMITS = safe_zip.ZipLimits(max_member_bytes=MAX_REPORT_BYTES)
+
+
 class _ReportReader:
     """Reports from `files/.../sSTUDY.txt` on disk, else from `mimic-cxr-reports.zip`."""
 
@@ -430,10 +441,12 @@ class _ReportReader:
         self.zip_path = zip_path
         self._zip: zipfile.ZipFile | None = None
         self._members: dict[str, str] = {}
+        self.refused = 0
         if zip_path is not None:
             try:
-                # On object storage: read from the remote file object, never copied whole.
-                self._zip = zipfile.ZipFile(open_binary(zip_path) if is_url(zip_path) else zip_path)
+                # Read in place (on object storage: the remote file, never copied whole); the
+                # file stays open while the scan reads reports from it.
+                self._zip = zipfile.ZipFile(open_binary(zip_path))
             except (zipfile.BadZipFile, OSError) as err:
                 raise UserError(f"{zip_path}: not a readable zip ({err})") from err
             for name in self._zip.namelist():
@@ -441,19 +454,31 @@ class _ReportReader:
                 if index >= 0 and name.endswith(".txt"):
                     self._members[name[index:]] = name
 
-    def describe(self) -> str:
-        """Where reports are read from: the folders searched, and the zip if there is one."""
-        folders = ", ".join(str(r) for r in self.roots) or "no folder with a files/pXX tree"
+    def describe(self, release_root: Path) -> str:
+        """Where reports are read from: the folders searched (below `release_root`: outputs
+        never name the machine's folders or the bucket), and the zip if there is one."""
+        shown = [relative_text(r, release_root) or "the release folder" for r in self.roots]
+        folders = ", ".join(shown) or "no folder with a files/pXX tree"
         where = f"files/pXX/pSUBJECT/sSTUDY.txt under {folders}"
         if self.zip_path is None:
             return f"{where} (no {REPORTS_ZIP} found)"
         return f"{where} and in {self.zip_path.name} ({len(self._members)} reports)"
 
     def read(self, member: str) -> str | None:
-        for root in self.roots:
-            path = root / member
-            if path.is_file():
-                return decode_text(path.read_bytes())
-        if self._zip is not None and member in self._members:
-            return decode_text(self._zip.read(self._members[member]))
+        """The report's text; None when there is none, or when it is over `MAX_REPORT_BYTES`
+        or unreadable (a bomb in the zip): counted in `refused`, the study has no report."""
+        try:
+            for root in self.roots:
+                path = root / member
+                if path.is_file():
+                    with open_binary(path) as file:
+                        data = file.read(MAX_REPORT_BYTES + 1)
+                    if len(data) > MAX_REPORT_BYTES:
+                        raise safe_zip.MemberError("over the cap")
+                    return decode_text(data)
+            if self._zip is not None and member in self._members:
+                info = self._zip.getinfo(self._members[member])
+                return decode_text(safe_zip.read_member(self._zip, info, _REPORT_LIMITS))
+        except safe_zip.MemberError:
+            self.refused += 1
         return None

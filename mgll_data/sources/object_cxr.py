@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..imaging.masks import MaskSpec
 from ..record import MASK_COLUMN
 from .base import ScanResult, Source
-from .splits import hash_split
+from .splits import carve_validation
 from .tables import read_csv_table, require_columns
 from .toolkit import find_file, find_listed, index_images
 
@@ -183,7 +183,7 @@ class ObjectCxrSource(Source):
         splits = self.pipeline.splits
         split = row.split
         if split == "train":
-            split = hash_split(row.name, splits.hash_salt, splits.validation_fraction, 0.0)
+            split = carve_validation(row.name, splits)
         boxes = [dict(zip("xywh", s.bounds(), strict=True)) for s in shapes]
         result.items.append(
             RawItem(
@@ -210,15 +210,13 @@ class ObjectCxrSource(Source):
 
 
 def _read_rows(split: str, path: Path) -> list[Row]:
-    """The rows of one annotation CSV, with their line numbers (the header is line 1)."""
+    """The rows of one annotation CSV, each with the line of the file it starts on."""
     table = read_csv_table(path, (ANNOTATION,))
     column = next((c for c in ID_COLUMNS if c in table.columns), ID_COLUMNS[0])
     require_columns(table, path, (column, ANNOTATION))
     return [
         Row(split, path, line, str(name).strip().replace("\\", "/").rsplit("/", 1)[-1], str(cell))
-        for line, (name, cell) in enumerate(
-            zip(table[column], table[ANNOTATION], strict=True), start=2
-        )
+        for line, name, cell in zip(table.index, table[column], table[ANNOTATION], strict=True)
     ]
 
 

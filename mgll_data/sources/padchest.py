@@ -25,7 +25,6 @@ SHA-256 of `PatientID`.
 
 from __future__ import annotations
 
-import os
 import re
 import zipfile
 from collections import Counter
@@ -36,6 +35,7 @@ from ..build.items import ImageRef, QuarantineEntry, RawItem
 from ..build.stages import Task
 from ..errors import ItemError, UserError
 from ..imaging.files import open_release_file
+from ..storage import lexists
 from . import archives as safe_zip
 from .base import ScanResult, Source
 from .padchest_cells import CellError, describe_sentences, sentence_lists, string_list
@@ -87,7 +87,7 @@ class PadchestSource(Source):
         result = ScanResult(items=[], inputs=[self.table], archives=images.zips)
         skipped: Counter[str] = Counter()
         cells: dict[tuple[str, str], object] = {}  # distinct cells are parsed once
-        for row_number, row in enumerate(rows, start=2):
+        for row_number, row in zip(table.index, rows, strict=True):
             reason = self._skip(row)
             if reason:
                 skipped[reason] += 1
@@ -247,7 +247,7 @@ class _ImageIndex:
                     found.setdefault(path.name, str(path))
                 self.folders[name] = found
             archive = root / f"{name}.zip"
-            if os.path.lexists(archive):
+            if lexists(archive):
                 self._index_zip(name, archive)
 
     def _index_zip(self, name: str, path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
+from ..build.pipeline import SplitConfig
+
 
 def hash_fraction(key: str, salt: str) -> float:
     """A number in [0, 1) fixed by `salt` and `key`: SHA-256, never Python's salted hash()."""
@@ -19,3 +21,15 @@ def hash_split(key: str, salt: str, validation: float, test: float) -> str:
     if u < test + validation:
         return "validation"
     return "train"
+
+
+def carve_validation(key: str, splits: SplitConfig, *, carve_test: bool = False) -> str:
+    """The split of a row from a release's train split whose release has no validation split.
+
+    A seeded share (`splits.validation_fraction`, salted by `splits.hash_salt`) of the train keys
+    becomes validation so that training can be monitored; `key` is the patient where the release
+    names one, so that a patient's images never straddle train and validation. `carve_test` also
+    carves `splits.test_fraction` as test, for a release whose test split may be absent.
+    """
+    test = splits.test_fraction if carve_test else 0.0
+    return hash_split(key, splits.hash_salt, splits.validation_fraction, test)

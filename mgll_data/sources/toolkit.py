@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..storage import child, is_url, relative_parts, walk_url
+from ..storage import child, is_url, relative_parts, relative_text, walk_url
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 # A loose file name may carry a prefix before the wanted name (`a. RFMiD_Training_Labels.csv`)
@@ -135,11 +135,11 @@ def pick_image(
     then the shallowest, then path order."""
 
     def rank(path: str) -> tuple:
-        rel = os.path.relpath(path, str(root)).lower()
+        rel = relative_text(path, root).lower()
         return (
             prefer not in rel if prefer else False,
             sum(word in rel for word in avoid),
-            rel.count(os.sep),
+            rel.count("/"),
             rel,
         )
 

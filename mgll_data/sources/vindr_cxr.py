@@ -26,7 +26,7 @@ from ..build.items import ImageRef, QuarantineEntry, RawItem
 from ..errors import UserError
 from .base import ScanResult, Source
 from .midrc.ricord import combine
-from .splits import hash_split
+from .splits import carve_validation
 from .tables import read_csv_table
 from .toolkit import find_file, parse_finite, release_files
 
@@ -119,9 +119,7 @@ class VindrCxrSource(Source):
     def _item(self, image_id: str, path: Path, readers: dict[str, dict], split: str) -> RawItem:
         if split == "train":
             splits = self.pipeline.splits
-            split = hash_split(
-                image_id, splits.hash_salt, splits.validation_fraction, splits.test_fraction
-            )
+            split = carve_validation(image_id, splits, carve_test=True)
         classes = {reader: r["classes"] for reader, r in readers.items()}
         boxes, box_readers = [], []
         for reader, found in sorted(readers.items()):

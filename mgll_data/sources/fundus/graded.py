@@ -46,6 +46,7 @@ from typing import Any
 from ...build.items import ImageRef
 from ...build.pipeline import GradedLayout, GradedTable, ImageFolders
 from ...errors import UserError
+from ...storage import folder_path, relative_text
 from ..base import ScanResult
 from ..tables import read_csv_table
 from ..toolkit import find_file, index_images, parse_finite, pick_image, walk_release
@@ -161,7 +162,7 @@ class GradedSource(FundusSource):
                 and named in Path(folder).name.lower()
                 and not (not_within and not_within in folder.lower())
             ):
-                for stem, paths in index_images(folder).items():
+                for stem, paths in index_images(folder_path(self.root, folder)).items():
                     images.setdefault(stem, []).extend(paths)
         return images
 
@@ -228,7 +229,7 @@ class GradedSource(FundusSource):
         candidates = [
             path
             for path in images.get(native.lower(), [])
-            if not any(w in os.path.relpath(path, self.root).lower() for w in table.avoid)
+            if not any(w in relative_text(path, self.root).lower() for w in table.avoid)
         ]
         if not candidates:
             reason = layout.missing_image.format(id=native, cell=cell, split=table.split)

@@ -20,6 +20,7 @@ import pandas as pd
 
 from ...build.items import ImageRef
 from ...errors import UserError
+from ...storage import open_binary
 from ..base import ScanResult
 from ..tables import read_csv_table, require_columns
 from ..toolkit import find_file, index_images, parse_finite, pick_image
@@ -125,9 +126,9 @@ class OdirSource(FundusSource):
                 "or put Kaggle's full_df.csv in the release instead"
             ) from None
         try:
-            sheets = pd.ExcelFile(path, engine="openpyxl")
-            sheet = "Sheet1" if "Sheet1" in sheets.sheet_names else sheets.sheet_names[0]
-            table = sheets.parse(sheet, dtype=str, keep_default_na=False)
+            with open_binary(path) as file, pd.ExcelFile(file, engine="openpyxl") as sheets:
+                sheet = "Sheet1" if "Sheet1" in sheets.sheet_names else sheets.sheet_names[0]
+                table = sheets.parse(sheet, dtype=str, keep_default_na=False)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, InvalidFileException) as err:
             raise UserError(f"{path}: not a readable .xlsx workbook ({err})") from err
         return require_columns(table, path, ODIR_COLUMNS)

@@ -10,6 +10,7 @@ from typing import Any
 
 from ...build.items import ImageRef
 from ...errors import UserError
+from ...storage import child
 from ..base import ScanResult
 from ..tables import read_csv_table
 from ..toolkit import find_file, index_images, parse_finite, pick_image, walk_release
@@ -73,7 +74,7 @@ class RfmidSource(FundusSource):
                     continue
                 for split, _, words in RFMID_SPLITS:
                     if split not in found and any(w in lower for w in words):
-                        found[split] = Path(folder) / name
+                        found[split] = child(self.root, folder, name)
         return found
 
     def _row(

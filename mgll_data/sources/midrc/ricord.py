@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from ...build.items import QuarantineEntry
-from ...errors import UserError
-from ...imaging.files import regular_file_problem
+from ...errors import ItemError, UserError
+from ...imaging.files import open_release_file
 from ..base import ScanResult
 from ..tables import read_csv_table
 from ..toolkit import find_file, is_hidden, release_files
@@ -79,7 +79,7 @@ class MidrcRicordSource(MidrcSource):
         readers, label_notes = self._read_annotations(self.annotations)
         result = ScanResult(items=[], inputs=self.input_files())
         seen_studies: set[str] = set()
-        for number, row in enumerate(table.to_dict("records"), start=2):
+        for number, row in zip(table.index, table.to_dict("records"), strict=True):
             study_uid = self._series(result, number, row, readers)
             if study_uid is not None:
                 seen_studies.add(study_uid)
@@ -155,9 +155,7 @@ class MidrcRicordSource(MidrcSource):
             image = DicomImage(
                 path=path,
                 chain=(),
-                # A FIFO or a symlink out of the release is never opened here; the image stage
-                # quarantines it with the reason.
-                header=None if regular_file_problem(path, self.root) else read_header(path),
+                header=self._header(path),
                 label=f"{self.metadata.name} row {number} file {index + 1}",
             )
             result.items.append(
@@ -172,6 +170,15 @@ class MidrcRicordSource(MidrcSource):
                 )
             )
         return study_uid
+
+    def _header(self, path: Path) -> dict[str, str] | None:
+        """The DICOM's descriptive header; None when it cannot be read. A FIFO or a symlink
+        out of the release is never read here: the image stage quarantines it with the reason."""
+        try:
+            with open_release_file(path, self.root, what="DICOM file") as file:
+                return read_header(file)
+        except ItemError:
+            return None
 
     def _folder(self, location: str) -> Path | None:
         rel = str(location).strip().replace("\\", "/")

@@ -209,7 +209,10 @@ class MidrcSource(Source):
                 by_zip.setdefault(image.path, []).append((pos, item, image))
         for path in sorted(by_zip):
             try:
-                with zipfile.ZipFile(path) as archive:
+                with (
+                    open_release_file(path, self.root, what="study zip") as file,
+                    zipfile.ZipFile(file) as archive,
+                ):
                     for pos, item, image in by_zip[path]:
                         try:
                             data = safe_zip.read_chain(archive, image.chain, ZIP_LIMITS)
@@ -217,9 +220,12 @@ class MidrcSource(Source):
                             yield Task(pos, item, error=err.reason)
                             continue
                         yield Task(pos, item, image_bytes=data)
-            except (zipfile.BadZipFile, OSError) as err:
+            except (zipfile.BadZipFile, OSError, ItemError) as err:
+                reason = (
+                    err.reason if isinstance(err, ItemError) else f"study zip unreadable ({err})"
+                )
                 for pos, item, _ in by_zip[path]:
-                    yield Task(pos, item, error=f"study zip unreadable ({err})")
+                    yield Task(pos, item, error=reason)
 
 
 def read_dicom_file(path: Path, root: Path) -> bytes:
