@@ -214,6 +214,8 @@ def _hub_problem(root: Any) -> str | None:
             f"the Hub does not show this repository or revision ({said}); a "
             "private one needs a token that may read it, in HF_TOKEN or from `hf auth login`"
         )
+    except Exception as err:  # noqa: BLE001 - the Hub client's own transport errors (httpx)
+        problem = f"cannot reach the Hub ({type(err).__name__}: {_one_line(err)})"
     return scrub(problem, {"token": get_token() or "", **root.storage_options})
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -219,6 +220,20 @@ def test_a_repo_the_hub_does_not_show_is_one_line_that_never_shows_the_token(hub
         assert WRONG not in line and TOKEN not in line
         assert ("HF_TOKEN" in line) == said.startswith("the Hub"), line
     assert not any(out.exists() for out in outs)
+
+
+def test_a_hub_that_does_not_answer_is_one_line(hub, work):
+    """Nothing listens at HF_ENDPOINT (a closed local port): one line, no traceback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    done = build(hub, work, "hf://datasets/tester/anything", work / "never-up", token=TOKEN,
+                 HF_ENDPOINT=closed, HF_HUB_OFFLINE="0")  # fmt: skip
+    line = one_error_line(done)
+    assert line.startswith(
+        "mgll-build-dataset: error: hf://datasets/tester/anything: cannot reach the Hub ("
+    ), line
+    assert TOKEN not in line
 
 
 @pytest.mark.wires("mgll-build-dataset build", "--root")
