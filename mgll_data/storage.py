@@ -189,7 +189,14 @@ def root_problem(root: Path) -> str | None:
         problem = _hub_problem(root)
         if problem:
             return problem
-    return None if root.is_dir() else "release root is not a directory"
+    try:
+        return None if root.is_dir() else "release root is not a directory"
+    except Exception as err:  # noqa: BLE001 - storage clients raise their own kinds
+        if not is_url(root):
+            raise
+        # no credentials, access denied, no route to the endpoint: the client's words
+        said = f"cannot list the release root ({type(err).__name__}: {_one_line(err)})"
+        return scrub(said, dict(getattr(root, "storage_options", {})))
 
 
 def _hub_problem(root: Any) -> str | None:

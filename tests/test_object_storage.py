@@ -171,6 +171,24 @@ def test_credentials_in_a_url_reach_the_image_stage(s3, work, monkeypatch, capsy
     assert_never_named({"log": (printed.out + printed.err).encode()}, SECRET, KEY_ID)
 
 
+def test_a_bucket_without_credentials_is_one_line(s3, work):
+    """In a fresh process (fsspec caches file systems, credentials included), with none in
+    the environment: the client's refusal in one line, no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ACCESS_KEY")}
+    env = {k: v for k, v in env.items() if k != "AWS_SECRET_ACCESS_KEY"}
+    args = ["build", "chestxray14", "--root", f"s3://{BUCKET}/nih", "--out",
+            str(work / "never"), "--storage-options", json.dumps(s3)]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "mgll_data", *args], cwd=REPO, env=env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"mgll-build-dataset: error: s3://{BUCKET}/nih: cannot list the release root "
+        "(NoCredentialsError: Unable to locate credentials)\n"
+    )
+
+
 def test_credentials_in_a_url_are_used_and_never_shown(s3, release, work, capsys):
     """`s3://KEY:SECRET@bucket/...`: the credentials go to s3fs, never to a message."""
     url = f"s3://{KEY_ID}:{SECRET}@{BUCKET}/no-such-release"
