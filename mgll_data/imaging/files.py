@@ -118,7 +118,7 @@ def _open_remote(
     except FileNotFoundError as err:
         shown = url[len(base.rstrip("/")) + 1 :] if base is not None else url
         raise ItemError("image", f"missing {what}: {shown}") from err
-    except Exception as err:  # noqa: BLE001 - storage clients raise their own kinds (no credentials, denied)
+    except Exception as err:  # noqa: BLE001 - storage clients raise their own kinds
         raise ItemError("image", f"cannot open {what} ({type(err).__name__})") from err
     if info.get("type") != "file":
         raise ItemError("image", f"not a regular file ({info.get('type') or 'unknown kind'})")
