@@ -145,7 +145,7 @@ def relative_parts(path: Path, root: Path) -> tuple[str, ...]:
 
 def relative_text(path: Path | str, root: Path) -> str:
     """`path` below `root` as a `/`-joined string (`a/b.png`), for a local path or a URL."""
-    return "/".join(relative_parts(Path(path) if not is_url(root) else path, root))
+    return "/".join(relative_parts(path, root))
 
 
 def folder_path(root: Path, folder: str) -> Path:

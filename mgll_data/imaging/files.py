@@ -138,15 +138,6 @@ def _mode(path: str | Path) -> int | None:
         return None
 
 
-def regular_file_problem(path: str | Path, root: str | Path | None = None) -> str | None:
-    """Why `path` cannot be read as a release file (as `open_release_file` says), or None."""
-    try:
-        open_release_file(path, root).close()
-    except ItemError as err:
-        return err.reason
-    return None
-
-
 def read_remote_file(
     url: str,
     root: str | None,

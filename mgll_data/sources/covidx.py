@@ -153,10 +153,9 @@ class CovidxSource(Source):
             reason = f"missing image: {listing.where} lists {image_folder}/{listing.filename}"
             result.quarantine.append(self._entry(listing, "scan", reason))
             return
-        splits = self.pipeline.splits
         split = listing.split
         if split == "train" and "validation" not in self.lists:
-            split = carve_validation(listing.patient, splits)
+            split = carve_validation(listing.patient, self.pipeline.splits)
         extra = {"covidx_class": listing.label_class, "covidx_list": listing.list_path.name}
         if listing.data_source:
             extra["data_source"] = listing.data_source

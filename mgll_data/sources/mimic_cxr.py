@@ -467,18 +467,23 @@ class _ReportReader:
     def read(self, member: str) -> str | None:
         """The report's text; None when there is none, or when it is over `MAX_REPORT_BYTES`
         or unreadable (a bomb in the zip): counted in `refused`, the study has no report."""
-        try:
-            for root in self.roots:
-                path = root / member
-                if path.is_file():
-                    with open_binary(path) as file:
-                        data = file.read(MAX_REPORT_BYTES + 1)
-                    if len(data) > MAX_REPORT_BYTES:
-                        raise safe_zip.MemberError("over the cap")
-                    return decode_text(data)
-            if self._zip is not None and member in self._members:
-                info = self._zip.getinfo(self._members[member])
-                return decode_text(safe_zip.read_member(self._zip, info, _REPORT_LIMITS))
-        except safe_zip.MemberError:
-            self.refused += 1
+        for root in self.roots:
+            path = root / member
+            if path.is_file():
+                with open_binary(path) as file:
+                    data = file.read(MAX_REPORT_BYTES + 1)
+                return self._text(data if len(data) <= MAX_REPORT_BYTES else None)
+        if self._zip is not None and member in self._members:
+            info = self._zip.getinfo(self._members[member])
+            try:
+                return self._text(safe_zip.read_member(self._zip, info, _REPORT_LIMITS))
+            except safe_zip.MemberError:
+                return self._text(None)
         return None
+
+    def _text(self, data: bytes | None) -> str | None:
+        """The report's text; None for a refused one, counted in `refused`."""
+        if data is None:
+            self.refused += 1
+            return None
+        return decode_text(data)

@@ -180,10 +180,9 @@ class ObjectCxrSource(Source):
             reason = f"unreadable annotation ({row.where}: {err})"
             result.quarantine.append(self._entry(row, "labels", reason))
             return
-        splits = self.pipeline.splits
         split = row.split
         if split == "train":
-            split = carve_validation(row.name, splits)
+            split = carve_validation(row.name, self.pipeline.splits)
         boxes = [dict(zip("xywh", s.bounds(), strict=True)) for s in shapes]
         result.items.append(
             RawItem(

@@ -118,8 +118,7 @@ class VindrCxrSource(Source):
 
     def _item(self, image_id: str, path: Path, readers: dict[str, dict], split: str) -> RawItem:
         if split == "train":
-            splits = self.pipeline.splits
-            split = carve_validation(image_id, splits, carve_test=True)
+            split = carve_validation(image_id, self.pipeline.splits, carve_test=True)
         classes = {reader: r["classes"] for reader, r in readers.items()}
         boxes, box_readers = [], []
         for reader, found in sorted(readers.items()):
