@@ -36,12 +36,6 @@ def _cli(*args: str) -> None:
         raise SystemExit(f"build {args} failed:\n{result.stderr.decode()[-2000:]}")
 
 
-def _independent_mimic(root: Path) -> Path:
-    script = REPO / "tests" / "independent" / "mimic_release.py"
-    subprocess.run([sys.executable, str(script), str(root)], check=True, capture_output=True)
-    return root
-
-
 # name -> (pipeline, release maker, extra build flags)
 RELEASES: dict[str, tuple[str, Callable[[Path], object], tuple[str, ...]]] = {
     "nih-kaggle": ("chestxray14", lambda r: nih_fixture.make_release(r, 300, "kaggle"), ()),
@@ -49,7 +43,7 @@ RELEASES: dict[str, tuple[str, Callable[[Path], object], tuple[str, ...]]] = {
     "mimic-jpg": ("mimic_cxr", mimic_fixture.make_release, ()),
     "mimic-dicom": ("mimic_cxr", mimic_fixture.make_release, ("--images", "dicom")),
     "mimic-text": ("mimic_cxr", mimic_fixture.make_release, ("--labels", "text")),
-    "mimic-independent": ("mimic_cxr", _independent_mimic, ()),
+    "mimic-independent": ("mimic_cxr", mimic_fixture.make_independent_release, ()),
     "ricord": ("midrc_ricord", midrc_fixture.make_ricord, ()),
     "commons": ("midrc_commons", midrc_fixture.make_commons, ()),
     "odir-official": ("odir", fundus_fixture.make_odir_official, ()),

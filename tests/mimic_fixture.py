@@ -21,6 +21,8 @@ import csv
 import gzip
 import hashlib
 import io
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -279,4 +281,15 @@ def write_report_files(root: Path, folder: str, studies: list[str] | None = None
         path = root / folder / f"files/p{subject[:2]}/p{subject}/s{study}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(REPORTS[study], encoding="utf-8")
+    return root
+
+
+INDEPENDENT_SCRIPT = Path(__file__).parent / "independent" / "mimic_release.py"
+
+
+def make_independent_release(root: Path) -> Path:
+    """The release written by `independent/mimic_release.py` (from the public format
+    description only, run as its own program) under `root`; returns root."""
+    subprocess.run([sys.executable, str(INDEPENDENT_SCRIPT), str(root)], check=True,
+                   capture_output=True)  # fmt: skip
     return root

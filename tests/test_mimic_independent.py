@@ -19,8 +19,6 @@ import io
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -33,8 +31,8 @@ from mgll_data.build.pipeline import load_pipeline
 from mgll_data.vocab import load_vocabulary
 from tests.conftest import run_module
 from tests.independent.mimic_release import CHEXPERT, NEGBIO
+from tests.mimic_fixture import make_independent_release
 
-SCRIPT = Path(__file__).parent / "independent" / "mimic_release.py"
 PIPELINE = load_pipeline("mimic_cxr")
 NAMES = load_vocabulary("chest_xray").names
 JPG_FILES = Path("physionet.org/files/mimic-cxr-jpg/2.0.0")
@@ -44,9 +42,7 @@ Rows = dict[str, dict]
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("independent-mimic")
-    subprocess.run([sys.executable, str(SCRIPT), str(out)], check=True, capture_output=True)
-    return out
+    return make_independent_release(tmp_path_factory.mktemp("independent-mimic"))
 
 
 @pytest.fixture(scope="module")

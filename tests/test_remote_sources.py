@@ -11,8 +11,6 @@ read from the bucket in place, never downloaded whole.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -36,14 +34,6 @@ from tests.test_covidx import make_two_class  # noqa: E402
 from tests.test_object_cxr import make_object_cxr  # noqa: E402
 from tests.test_padchest import make_chosen_release  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _independent_mimic(root: Path) -> None:
-    script = REPO / "tests" / "independent" / "mimic_release.py"
-    subprocess.run([sys.executable, str(script), str(root)], check=True, capture_output=True)
-
-
 # name -> (pipeline, fixture maker, extra build flags): every source, each archive layout.
 RELEASES: dict[str, tuple[str, Callable[[Path], object], tuple[str, ...]]] = {
     "nih-kaggle": ("chestxray14", lambda r: nih_fixture.make_release(r, 30, "kaggle"), ()),
@@ -51,7 +41,11 @@ RELEASES: dict[str, tuple[str, Callable[[Path], object], tuple[str, ...]]] = {
     "nih-google": ("chestxray14", benchmark_fixture.make_nih_with_relabels, ("--labels", "google")),
     "mimic-jpg": ("mimic_cxr", mimic_fixture.make_release, ()),
     "mimic-dicom": ("mimic_cxr", mimic_fixture.make_release, ("--images", "dicom")),
-    "mimic-independent": ("mimic_cxr", _independent_mimic, ("--labels", "text")),
+    "mimic-independent": (
+        "mimic_cxr",
+        mimic_fixture.make_independent_release,
+        ("--labels", "text"),
+    ),
     "midrc-ricord": ("midrc_ricord", midrc_fixture.make_ricord, ()),
     "midrc-commons": ("midrc_commons", midrc_fixture.make_commons, ()),
     "iu-tgz": ("iu_xray", lambda r: iu_fixture.make_release(r, "tgz"), ()),
